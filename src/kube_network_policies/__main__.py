@@ -1,0 +1,3 @@
+from kube_network_policies.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""The `kube-network-policies` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kube-network-policies", description="Kubernetes network policy agent: NetworkPolicy, AdminNetworkPolicy, ClusterNetworkPolicy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ex = sub.add_parser("explain", help="explain whether a connection is allowed by policies in manifest files, and why")
+    ex.add_argument("--manifests", nargs="+", required=True, metavar="PATH", help="YAML/JSON files or directories (multi-document, kind: List)")
+    ex.add_argument("--from", dest="source", required=True, metavar="NS/POD|IP")
+    ex.add_argument("--to", dest="destination", required=True, metavar="NS/POD|IP")
+    ex.add_argument("--port", type=_port, required=True)
+    ex.add_argument("--protocol", default="TCP", type=str.upper, choices=["TCP", "UDP", "SCTP"])
+    ex.add_argument("--output", "-o", default="text", choices=["text", "json"])
+
+    lab = sub.add_parser("lab", help="scenario runner and local lab")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    run = lab_sub.add_parser("run", help="run scenario files (a directory means every *.yaml under it)")
+    run.add_argument("paths", nargs="+", metavar="PATH")
+    run.add_argument("--engine-only", action="store_true", help="answer probes with the policy engine alone (no root, no kernel)")
+    run.add_argument("-v", "--verbose", action="store_true", help="also list passing scenarios")
+    run.add_argument("--tables", action="store_true", help="print the truth table of every probe, not only of wrong ones")
+
+    bench = sub.add_parser("bench", help="benchmark the policy engine (prints figures)")
+    bench.add_argument("--pods", type=int, default=10_000)
+    bench.add_argument("--policies", type=int, default=1_000, help="NetworkPolicies")
+    bench.add_argument("--admin-policies", type=int, default=100)
+    bench.add_argument("--seconds", type=float, default=3.0, help="time spent measuring decisions")
+    bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 65535")
+    return value
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from kube_network_policies.engine import ClusterState, Features
+    from kube_network_policies.explain import ExplainError, explain, features_for_objects, render_json, render_text
+    from kube_network_policies.sources.files import ManifestError, load_objects
+
+    try:
+        objects = load_objects(args.manifests)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    state = ClusterState(features_for_objects(objects, Features()))
+    for obj in objects:
+        state.apply(obj)
+    try:
+        results = explain(state, args.source, args.destination, args.protocol, args.port)
+    except ExplainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(render_json(results) if args.output == "json" else render_text(results))
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from kube_network_policies.lab.runner import run_paths
+
+    if args.lab_command == "run":
+        if not args.engine_only:
+            print("error: the network-namespace lab is not available yet; use --engine-only", file=sys.stderr)
+            return EXIT_USAGE
+        from kube_network_policies.lab.engine_mode import EngineMode
+
+        return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
+    return EXIT_USAGE
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kube_network_policies.lab.bench_engine import run_benchmark
+
+    return run_benchmark(pods=args.pods, policies=args.policies, admin_policies=args.admin_policies, seconds=args.seconds, as_json=args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"explain": cmd_explain, "lab": cmd_lab, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # last resort: a clear line, never a traceback, unless asked for
+        if os.environ.get("KNP_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set KNP_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
