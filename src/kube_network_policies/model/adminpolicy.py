@@ -181,7 +181,10 @@ def _subject(f: Fields, spec: Mapping[str, Any]) -> Subject:
         return Subject(MATCH_ALL, MATCH_ALL)
     if known[0] == "namespaces":
         return Subject(parse_selector(f, f.mapping(raw, "namespaces", "spec.subject"), "spec.subject.namespaces"), MATCH_ALL)
-    pods = f.mapping(raw, "pods", "spec.subject") or {}
+    pods = f.mapping(raw, "pods", "spec.subject")
+    if pods is not None:
+        _require_pod_selectors(f, pods, "spec.subject.pods")
+    pods = pods or {}
     return Subject(
         parse_selector(f, f.mapping(pods, "namespaceSelector", "spec.subject.pods"), "spec.subject.pods.namespaceSelector"),
         parse_selector(f, f.mapping(pods, "podSelector", "spec.subject.pods"), "spec.subject.pods.podSelector"),
@@ -197,13 +200,12 @@ def _rules(f: Fields, spec: Mapping[str, Any], direction: str, *, v2: bool, acti
             f.error(path, "must be an object")
             continue
         action_name = f.string(raw, "action", path, required=True)
-        if action_name is None:
-            continue
-        action = ALLOW if action_name == ("Accept" if v2 else "Allow") else action_name
         allowed_names = [("Accept" if v2 and a == ALLOW else a) for a in actions]
-        if action_name not in allowed_names:
+        if action_name is not None and action_name not in allowed_names:
             f.error(f"{path}.action", f"unsupported action {action_name!r} (expected one of {', '.join(allowed_names)})")
-            continue
+        # An invalid action still lets the rest of the rule be checked, so all problems show at once.
+        action = ALLOW if action_name == ("Accept" if v2 else "Allow") else (action_name if action_name in allowed_names else DENY)
+        action_name = action_name or ""
         rule_name = f.string(raw, "name", path) or ""
         if len(rule_name) > 100:
             f.error(f"{path}.name", "must be no more than 100 characters")
@@ -238,7 +240,10 @@ def _peer(f: Fields, raw: object, path: str, *, egress: bool, v2: bool) -> Admin
     if kind == "namespaces":
         return PodsPeer(parse_selector(f, f.mapping(raw, "namespaces", path), f"{path}.namespaces"), MATCH_ALL)
     if kind == "pods":
-        pods = f.mapping(raw, "pods", path) or {}
+        pods = f.mapping(raw, "pods", path)
+        if pods is not None:
+            _require_pod_selectors(f, pods, f"{path}.pods")
+        pods = pods or {}
         return PodsPeer(
             parse_selector(f, f.mapping(pods, "namespaceSelector", f"{path}.pods"), f"{path}.pods.namespaceSelector"),
             parse_selector(f, f.mapping(pods, "podSelector", f"{path}.pods"), f"{path}.pods.podSelector"),
@@ -254,16 +259,26 @@ def _peer(f: Fields, raw: object, path: str, *, egress: bool, v2: bool) -> Admin
         cidrs = tuple(c for j, n in enumerate(items) if (c := parse_cidr(f, n, f"{path}.networks[{j}]")) is not None)
         return NetworksPeer(cidrs)
     names = f.sequence(raw, "domainNames", path) or []
+    if not names:
+        f.error(f"{path}.domainNames", "must contain at least one domain name")
     for j, n in enumerate(names):
         if not isinstance(n, str) or not n:
             f.error(f"{path}.domainNames[{j}]", f"must be a domain name, got {n!r}")
     return DomainNamesPeer(tuple(n for n in names if isinstance(n, str)))
 
 
+def _require_pod_selectors(f: Fields, pods: Mapping[str, Any], path: str) -> None:
+    # The CRDs require both selectors of a `pods` peer or subject ({} selects everything).
+    for key in ("namespaceSelector", "podSelector"):
+        if pods.get(key) is None:
+            f.error(f"{path}.{key}", "required field is missing (use {} to select everything)")
+
+
 def _protocol(f: Fields, raw: Mapping[str, Any], path: str) -> str:
-    proto = f.string(raw, "protocol", path, default="TCP") or "TCP"
+    proto = f.string(raw, "protocol", path, default="TCP")
     if proto not in PROTOCOLS:
         f.error(f"{path}.protocol", f"unsupported protocol {proto!r} (expected TCP, UDP or SCTP)")
+        return "TCP"
     return sys.intern(proto)
 
 

@@ -138,7 +138,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
                 f.error(ppath, "must be an object")
                 continue
             number = f.integer(p, "containerPort", ppath, required=True, minimum=1, maximum=65535)
-            proto = f.string(p, "protocol", ppath, default="TCP") or "TCP"
+            proto = f.string(p, "protocol", ppath, default="TCP")
             if proto not in PROTOCOLS:
                 f.error(f"{ppath}.protocol", f"unsupported protocol {proto!r} (expected TCP, UDP or SCTP)")
                 continue

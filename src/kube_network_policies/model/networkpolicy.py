@@ -162,7 +162,7 @@ def _port(f: Fields, raw: object, path: str) -> NetworkPolicyPort | None:
     for k in raw:
         if k not in ("protocol", "port", "endPort"):
             f.error(f"{path}.{k}", "unknown field (expected protocol, port or endPort)")
-    protocol = f.string(raw, "protocol", path, default="TCP") or "TCP"
+    protocol = f.string(raw, "protocol", path, default="TCP")
     if protocol not in PROTOCOLS:
         f.error(f"{path}.protocol", f"unsupported protocol {protocol!r} (expected TCP, UDP or SCTP)")
         return None
@@ -178,7 +178,7 @@ def _port(f: Fields, raw: object, path: str) -> NetworkPolicyPort | None:
             return None
         number = port_value
     elif isinstance(port_value, str):
-        if port_value.isdigit():
+        if port_value.isascii() and port_value.isdigit():
             number = int(port_value)  # an IntOrString written as a string of digits
             if not 1 <= number <= 65535:
                 f.error(f"{path}.port", f"must be between 1 and 65535, got {port_value}")
@@ -199,7 +199,7 @@ def _port(f: Fields, raw: object, path: str) -> NetworkPolicyPort | None:
         if end < number:
             f.error(f"{path}.endPort", f"must be greater than or equal to port ({number}), got {end}")
             return None
-    return NetworkPolicyPort(sys.intern(protocol), number, name, end)
+    return NetworkPolicyPort(sys.intern(protocol or "TCP"), number, name, end)
 
 
 def _valid_port_name(name: str) -> bool:

@@ -40,6 +40,9 @@ class LabelSet:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("LabelSet is immutable")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("LabelSet is immutable")
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (LabelSet, (self.as_dict(),))
 
