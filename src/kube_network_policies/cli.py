@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--protocol", default="TCP", type=str.upper, choices=["TCP", "UDP", "SCTP"])
     ex.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
+    run = sub.add_parser("run", help="run the agent on this node", allow_abbrev=False)
+    run.add_argument("--manifests", nargs="+", metavar="PATH", help="standalone mode: enforce the objects in these files or directories (re-read when they change)")
+    run.add_argument("--hostname-override", "-hostname-override", dest="hostname", metavar="NODE", help="this node's name (default: $NODE_NAME, then the host name)")
+    add_agent_flags(run)
+
     lab = sub.add_parser("lab", help="scenario runner and local lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     run = lab_sub.add_parser("run", help="run scenario files (a directory means every *.yaml under it)")
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine-only", action="store_true", help="answer probes with the policy engine alone (no root, no kernel)")
     run.add_argument("-v", "--verbose", action="store_true", help="also list passing scenarios")
     run.add_argument("--tables", action="store_true", help="print the truth table of every probe, not only of wrong ones")
+    run.add_argument("--timeout", type=float, default=1.0, help="lab mode: seconds a probe waits before it counts as denied (default 1.0)")
 
     bench = sub.add_parser("bench", help="benchmark the policy engine (prints figures)")
     bench.add_argument("--pods", type=int, default=10_000)
@@ -44,6 +50,51 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=3.0, help="time spent measuring decisions")
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
+
+
+def _bool(text: str) -> bool:
+    """Go's flag package accepts -flag, -flag=true, -flag=false (and 1/0, t/f)."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes"):
+        return True
+    if value in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+
+
+def _queue(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a queue number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 65535")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 64")
+    return value
+
+
+def add_agent_flags(p: argparse.ArgumentParser) -> None:
+    """The flags the Go agent has, with its names; single- and double-dash spellings both work."""
+    for name, help_text in (
+        ("fail-open", "accept packets when the agent cannot judge them (no listener, full queue, internal error)"),
+        ("admin-network-policy", "enforce AdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
+        ("baseline-admin-network-policy", "enforce BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
+        ("cluster-network-policy", "enforce ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2)"),
+    ):
+        p.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text)
+    p.add_argument("-nfqueue-id", "--nfqueue-id", dest="nfqueue_id", type=_queue, default=100, metavar="N", help="first NFQUEUE number (default 100)")
+    p.add_argument("-nfqueue-count", "--nfqueue-count", dest="nfqueue_count", type=_count, default=1, metavar="N", help="queues (one worker process each, default 1)")
+    p.add_argument("-metrics-bind-address", "--metrics-bind-address", dest="metrics_bind_address", default=":9080", metavar="ADDR", help="metrics and health endpoints (default :9080)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _port(text: str) -> int:
@@ -82,13 +133,44 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from kube_network_policies.lab.runner import run_paths
 
     if args.lab_command == "run":
-        if not args.engine_only:
-            print("error: the network-namespace lab is not available yet; use --engine-only", file=sys.stderr)
-            return EXIT_USAGE
-        from kube_network_policies.lab.engine_mode import EngineMode
+        if args.engine_only:
+            from kube_network_policies.lab.engine_mode import EngineMode
 
-        return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
+            return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
+        from kube_network_policies.lab.netns_mode import LabMode, check_lab_prerequisites
+        from kube_network_policies.lab.topology import exit_on_sigterm
+
+        problem = check_lab_prerequisites()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C: namespaces and agents are removed
+        return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
     return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import socket
+
+    from kube_network_policies.agent import AgentConfig, run_agent
+    from kube_network_policies.engine import Features
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.manifests:
+        print("error: --manifests is required (Kubernetes mode is not available in this build)", file=sys.stderr)
+        return EXIT_USAGE
+    node = args.hostname or os.environ.get("NODE_NAME") or socket.gethostname()
+    config = AgentConfig(
+        manifests=tuple(args.manifests),
+        node=node,
+        features=Features(args.admin_network_policy, args.baseline_admin_network_policy, args.cluster_network_policy),
+        fail_open=args.fail_open,
+        queue_id=args.nfqueue_id,
+        queue_count=args.nfqueue_count,
+        metrics_bind_address=args.metrics_bind_address,
+    )
+    return run_agent(config)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -99,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"explain": cmd_explain, "lab": cmd_lab, "bench": cmd_bench}
+    handlers = {"explain": cmd_explain, "lab": cmd_lab, "bench": cmd_bench, "run": cmd_run}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -125,6 +125,12 @@ class Session(Protocol):
     def close(self) -> None: ...
 
 
+def session_notes(session: Session) -> list[str]:
+    """Optional lines a mode reports about a scenario (e.g. how long changes took to apply)."""
+    notes = getattr(session, "notes", None)
+    return list(notes()) if callable(notes) else []
+
+
 class Mode(Protocol):
     name: str
 
@@ -156,6 +162,7 @@ class ScenarioResult:
     probes: list[ProbeResult] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def run_scenario(scenario: Scenario, mode: Mode) -> ScenarioResult:
@@ -177,6 +184,7 @@ def run_scenario(scenario: Scenario, mode: Mode) -> ScenarioResult:
                 result.probes.append(pr)
                 if pr.wrong:
                     result.status = "failed"
+        result.notes = session_notes(session)
     finally:
         session.close()
     result.seconds = time.monotonic() - started
@@ -248,11 +256,15 @@ def run_paths(paths: Iterable[str], mode: Mode, out: TextIO = sys.stdout, verbos
             passed += 1
             if verbose or tables:
                 print(f"PASS  {result.name} ({result.seconds * 1000:.0f} ms)", file=out)
+                for note in result.notes:
+                    print(f"      {note}", file=out)
             if tables:
                 _print_tables(scenario, result, out)
         else:
             failed += 1
             print(f"FAIL  {result.name} ({path})", file=out)
+            for note in result.notes:
+                print(f"      {note}", file=out)
             if tables:
                 _print_tables(scenario, result, out)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -91,3 +92,49 @@ def load_objects(paths: list[str]) -> list[ApiObject]:
     if problems:
         raise ManifestError("\n".join(problems))
     return objects
+
+
+def manifest_digest(paths: list[str]) -> str:
+    """A digest of the manifest files' names and contents: what a reader of these paths sees.
+
+    The agent reports the digest of what it enforces; a writer (the lab) computes the same over
+    what it wrote and waits until they agree.
+    """
+    h = hashlib.sha256()
+    for p in manifest_files(paths):
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        h.update(p.name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()[:16]
+
+
+class ManifestWatcher:
+    """Notices changes to manifest files by polling their names, sizes and modification times:
+    cheap, and it works for files that editors replace and for directories that gain files."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
+
+    def _current(self) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        try:
+            files = manifest_files(self.paths)
+        except ManifestError:
+            return ()
+        for p in files:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def changed(self) -> bool:
+        current = self._current()
+        if current != self._signature:
+            self._signature = current
+            return True
+        return False

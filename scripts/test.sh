@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's tests, as CI runs them (after scripts/setup.sh):
+#   1. the scenario suite in engine mode (the policy engine alone);
+#   2. the scenario suite in lab mode (real agents, nftables, NFQUEUE, network namespaces) when
+#      running as root;
+#   3. pytest: unit, kernel (root) and integration (real kube-apiserver + etcd) tests.
+# Kernel and integration tests skip with a reason when they cannot run, except with CI=true,
+# where they fail instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+knp=.venv/bin/kube-network-policies
+status=0
+echo "== scenarios, engine mode"
+"$knp" lab run --engine-only tests/scenarios || status=1
+if [ "$(id -u)" = 0 ]; then
+  echo "== scenarios, lab mode (real kernel)"
+  "$knp" lab run tests/scenarios || status=1
+elif [ "${CI:-}" = true ]; then
+  echo "lab mode needs root, and CI must run it" >&2
+  status=1
+else
+  echo "== scenarios, lab mode: skipped (needs root)"
+fi
+echo "== pytest"
+.venv/bin/python -m pytest -q || status=1
+exit $status

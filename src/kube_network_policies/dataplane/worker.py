@@ -1,0 +1,126 @@
+"""The packet worker: one process per NFQUEUE queue, holding its own replica of the engine.
+
+Why a separate process: decoding API objects holds the GIL for long stretches (NOTES.md: up to a
+second for 10k pods), and a queued packet must not wait for that. The control process decodes and
+validates; the worker receives already-typed objects over a pipe and applies them between packet
+batches (an apply costs ~0.1-0.3 ms), so the packet path only ever waits for engine updates, never
+for parsing, and several workers (queues) scale out across cores.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kube_network_policies.dataplane.nfqueue import NfQueue, NfQueueError
+from kube_network_policies.dataplane.packet import ERROR_NAMES, parse_packet
+from kube_network_policies.engine import ClusterState, Features
+from kube_network_policies.metrics import PacketMetrics
+
+STATS_INTERVAL_S = 1.0
+
+# Messages, control -> worker:
+#   ("batch", generation, [("apply", obj) | ("delete", kind, namespace, name), ...])
+#   ("ready",)   every source has synced: start judging packets
+#   ("stop",)
+# worker -> control:
+#   ("started", queue_num) | ("failed", message)
+#   ("applied", generation)
+#   ("stats", queue_num, metrics_delta, errors_delta, nfqueue_counters)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    queue_num: int
+    node: str
+    features: Features
+    fail_open: bool
+    copy_range: int = 128
+
+
+def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
+    for op in ops:
+        if op[0] == "apply":
+            state.apply(op[1])
+        else:
+            state.delete(op[1], op[2], op[3])
+
+
+def make_decide(state: ClusterState, node: str, default: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]) -> Callable[[memoryview], bool]:
+    """The per-packet function: parse, judge, record. Kept flat; every name it uses is local."""
+    evaluate = state.evaluate
+    observe = metrics.observe
+    clock = time.perf_counter_ns
+    error_names = ERROR_NAMES
+
+    def decide(payload: memoryview) -> bool:
+        if not ready[0]:
+            # No decision on partial state: the default until every source has synced.
+            errors["not_ready"] = errors.get("not_ready", 0) + 1
+            return default
+        start = clock()
+        flow = parse_packet(payload)
+        if flow.__class__ is int:
+            name = error_names.get(flow, "unknown")  # type: ignore[call-overload]
+            errors[name] = errors.get(name, 0) + 1
+            return default
+        allowed = evaluate(flow, node).allowed  # type: ignore[arg-type]
+        observe(flow[2], 4 if len(flow[0]) == 4 else 6, allowed, (clock() - start) / 1000.0)  # type: ignore[index]
+        return allowed
+
+    return decide
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of a worker process."""
+    # The control process decides when we stop (a "stop" message, or its end closing the pipe):
+    # a signal sent to the whole process group must not take the packet path down first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    state = ClusterState(config.features)
+    metrics = PacketMetrics()
+    errors: dict[str, int] = {}
+    ready = [False]
+    try:
+        queue = NfQueue(config.queue_num, copy_range=config.copy_range, fail_open=config.fail_open)
+    except (NfQueueError, OSError, ValueError) as exc:
+        conn.send(("failed", f"queue {config.queue_num}: {exc}"))
+        return
+    conn.send(("started", config.queue_num))
+    decide = make_decide(state, config.node, config.fail_open, metrics, errors, ready)
+    poller = select.poll()
+    poller.register(queue.fileno(), select.POLLIN)
+    poller.register(conn.fileno(), select.POLLIN)
+    qfd = queue.fileno()
+    next_stats = time.monotonic() + STATS_INTERVAL_S
+    try:
+        while True:
+            for fd, _ in poller.poll(STATS_INTERVAL_S * 1000):
+                if fd == qfd:
+                    queue.process(decide, timeout=0)
+                else:
+                    while conn.poll():
+                        msg = conn.recv()
+                        kind = msg[0]
+                        if kind == "batch":
+                            apply_ops(state, msg[2])
+                            conn.send(("applied", msg[1]))
+                        elif kind == "ready":
+                            ready[0] = True
+                        elif kind == "stop":
+                            return
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                delta, errs = metrics.take_delta(), dict(errors)
+                errors.clear()
+                conn.send(("stats", config.queue_num, delta, errs, queue.counters))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return  # the control process is gone: the kernel's bypass/fail-closed rules take over
+    finally:
+        queue.close()
