@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kube_network_policies.engine import ClusterState, Features, Flow
-from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges
+from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges, combine_families
 from kube_network_policies.lab.scenario import Scenario
 from kube_network_policies.model import parse_object
 
@@ -41,12 +41,7 @@ class EngineSession:
             for client_ip, server_ip in self.cluster.family_pairs(pair):
                 d = self.state.evaluate(Flow.of(client_ip, server_ip, protocol, port, CLIENT_PORT))
                 results.append(d.allowed)
-            if not results:
-                out[pair] = Observation(None, "no address family in common")
-            elif all(results) or not any(results):
-                out[pair] = Observation(results[0])
-            else:
-                out[pair] = Observation(None, "IPv4 and IPv6 disagree")
+            out[pair] = combine_families(results)
         return out
 
     def close(self) -> None:

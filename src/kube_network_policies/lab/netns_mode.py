@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from kube_network_policies.lab.probe import Prober
-from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges
+from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges, combine_families
 from kube_network_policies.lab.scenario import Scenario
 from kube_network_policies.lab.topology import Topology, TopologyError, entered
 from kube_network_policies.sources.files import manifest_digest
@@ -214,16 +214,7 @@ class LabSession:
         per_pair: dict[Pair, list[bool]] = {}
         for pair, ok in zip(owners, results):
             per_pair.setdefault(pair, []).append(ok)
-        out: dict[Pair, Observation] = {}
-        for pair in pairs:
-            got = per_pair.get(pair)
-            if not got:
-                out[pair] = Observation(None, "no address family in common")
-            elif all(got) or not any(got):
-                out[pair] = Observation(got[0])
-            else:
-                out[pair] = Observation(None, "IPv4 and IPv6 disagree")
-        return out
+        return {pair: combine_families(per_pair.get(pair, [])) for pair in pairs}
 
     def notes(self) -> list[str]:
         if not self.apply_seconds:

@@ -37,6 +37,15 @@ class Observation:
     detail: str = ""
 
 
+def combine_families(results: list[bool]) -> Observation:
+    """One pair's observation from its per-family results: every family must agree."""
+    if not results:
+        return Observation(None, "no address family in common")
+    if all(results) or not any(results):
+        return Observation(results[0])
+    return Observation(None, "IPv4 and IPv6 disagree")
+
+
 @dataclass(slots=True)
 class StepChanges:
     apply: list[dict[str, Any]] = field(default_factory=list)  # API objects, in order
