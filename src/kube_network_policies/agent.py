@@ -273,8 +273,9 @@ class Agent:
         if not conns:
             self._stop.wait(timeout)
             return
-        for conn in wait(conns, timeout):
-            w = next(x for x in self._workers if x.conn is conn)
+        for ready in wait(conns, timeout):
+            w = next(x for x in self._workers if x.conn is ready)
+            conn = w.conn
             try:
                 while conn.poll():
                     msg = conn.recv()

@@ -139,9 +139,9 @@ class Rule:
                 if not self.names or destination is None:
                     return False
                 named = destination.named
-                for name, p in self.names:
+                for name, name_protocol in self.names:
                     # The destination must serve a port of this name, with this number and the packet's protocol.
-                    if (p is None or p == protocol) and (name, protocol, port) in named:
+                    if (name_protocol is None or name_protocol == protocol) and (name, protocol, port) in named:
                         break
                 else:
                     return False
@@ -162,8 +162,8 @@ class Rule:
         if self.nodes:
             labels = self.nodes_by_ip.get(packed) if self.nodes_by_ip is not None else None
             if labels is not None:
-                for sel in self.nodes:
-                    if sel.matches(labels):
+                for node_selector in self.nodes:
+                    if node_selector.matches(labels):
                         return True
         return False
 

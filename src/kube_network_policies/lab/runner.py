@@ -71,7 +71,7 @@ class ScenarioCluster:
             out.apply.append(obj)
             if obj.get("kind") == "Namespace":
                 meta = obj.get("metadata") or {}
-                name = meta.get("name")
+                name = str(meta.get("name"))
                 self.namespaces[name] = NamespaceSpec(name, dict(meta.get("labels") or {}))
         for ref in step.delete:
             out.delete.append(ref)

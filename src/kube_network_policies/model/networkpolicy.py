@@ -108,8 +108,8 @@ def _rules(f: Fields, spec: Mapping[str, Any], key: str, peers_key: str) -> tupl
             if (p := _peer(f, raw_peer, f"{path}.{peers_key}[{j}]")) is not None
         )
         ports = tuple(
-            p for j, raw_port in enumerate(f.sequence(r, "ports", path) or [])
-            if (p := _port(f, raw_port, f"{path}.ports[{j}]")) is not None
+            port for j, raw_port in enumerate(f.sequence(r, "ports", path) or [])
+            if (port := _port(f, raw_port, f"{path}.ports[{j}]")) is not None
         )
         rules.append(NetworkPolicyRule(peers, ports))
     return tuple(rules)

@@ -132,9 +132,9 @@ def parse_selector(fields: Fields, raw: Mapping[str, Any] | None, path: str) -> 
     """Compile a metav1.LabelSelector; errors are recorded in `fields` with their paths."""
     if raw is None:
         return MATCH_ALL
-    for key in raw:
-        if key not in ("matchLabels", "matchExpressions"):
-            fields.error(Fields.join(path, str(key)), "unknown field in a label selector (expected matchLabels or matchExpressions)")
+    for field_name in raw:
+        if field_name not in ("matchLabels", "matchExpressions"):
+            fields.error(Fields.join(path, str(field_name)), "unknown field in a label selector (expected matchLabels or matchExpressions)")
     match_labels = fields.string_map(raw, "matchLabels", path)
     for k in match_labels:
         _check_key(fields, k, Fields.join(Fields.join(path, "matchLabels"), k))
