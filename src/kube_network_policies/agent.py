@@ -4,13 +4,23 @@ The control process (this module) reads sources, validates objects, keeps its ow
 know which local pod IPs need the userspace path, and keeps the nftables ruleset in step. Packet
 workers (dataplane/worker.py), one per queue, hold replicas of the engine fed over pipes.
 
+A source gives typed changes: the manifest files (standalone mode) or the Kubernetes API (an
+informer per resource, in threads of this process, so that decoding never runs in a worker).
+Changes are gathered for a few milliseconds, coalesced per object and sent to every worker as one
+batch, like a manifest reload.
+
 Order of start-up, so that no packet is judged on partial state:
-  load every source -> fork workers -> send them the full state, then "ready" -> wait until they
-  applied it -> install the ruleset (packets are diverted only now) -> report ready.
+  open the source (read the manifests) -> fork workers (before any thread exists) -> serve
+  /healthz -> start the source -> wait until EVERY source has synced (a complete list of every
+  enabled resource) -> send the workers the full state, then "ready" -> wait until they applied
+  it -> install the ruleset (packets are diverted only now) -> report ready.
+Until then the workers are not ready (they would answer the default verdict) and no packet is
+diverted to them at all.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
@@ -20,16 +30,25 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from kube_network_policies.dataplane.nftables import Backend, DataplaneError, Ruleset, RulesetConfig, detect_backend
+from kube_network_policies.dataplane.nftables import (
+    Backend,
+    DataplaneError,
+    Ruleset,
+    RulesetConfig,
+    detect_backend,
+)
 from kube_network_policies.dataplane.worker import WorkerConfig, worker_main
 from kube_network_policies.engine import ClusterState, Features
 from kube_network_policies.metrics import Metrics, MetricsServer
-from kube_network_policies.model import ApiObject, object_key
-from kube_network_policies.sources.files import ManifestError, ManifestWatcher, load_objects, manifest_digest
+from kube_network_policies.model import ApiObject
+from kube_network_policies.sources.base import Batch, Change, Source, SourceError
+from kube_network_policies.sources.files import ManifestSource
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
+BATCH_WINDOW_S = 0.005  # after the first change arrives, wait this long for more: one batch
+SYNC_LOG_INTERVAL_S = 15.0
 WORKER_START_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 30.0
 
@@ -43,7 +62,7 @@ class AgentError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    manifests: tuple[str, ...]
+    manifests: tuple[str, ...]  # standalone mode; empty: the Kubernetes API
     node: str
     features: Features = Features()
     fail_open: bool = False
@@ -51,6 +70,18 @@ class AgentConfig:
     queue_count: int = 1
     metrics_bind_address: str = ":9080"
     backend: Backend | None = None  # None: probe the kernel
+    kubeconfig: str | None = None  # Kubernetes mode: None means in-cluster configuration
+    accept_cache: bool = True  # remember accepted tuples in the kernel (dataplane/nftables.py)
+
+
+def make_source(config: AgentConfig) -> Source:
+    """The manifest files when given, else the Kubernetes API (raises SourceError)."""
+    if config.manifests:
+        return ManifestSource(list(config.manifests))
+    from kube_network_policies.sources.kubernetes import KubernetesSource, load_config
+
+    f = config.features
+    return KubernetesSource(load_config(config.kubeconfig), f.admin_network_policy, f.baseline_admin_network_policy, f.cluster_network_policy)
 
 
 @dataclass(slots=True)
@@ -76,12 +107,13 @@ def diff(old: dict[Key, ApiObject], new: dict[Key, ApiObject]) -> list[Op]:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, source: Source | None = None) -> None:
         self.config = config
+        self.source = source  # None: made from the config by start()
         self.state = ClusterState(config.features)
         self.objects: dict[Key, ApiObject] = {}
         self.generation = 0
-        self.digest = ""
+        self.applied: dict[str, str] = {}  # marks of the last applied batches: digest, resourceVersions
         self.ready = False
         self.metrics = Metrics()
         self._workers: list[_Worker] = []
@@ -89,7 +121,6 @@ class Agent:
         self._managed: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         self._stop = threading.Event()
         self._server: MetricsServer | None = None
-        self._watcher = ManifestWatcher(list(config.manifests))
         self._lock = threading.Lock()  # guards what /statusz reads
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -101,54 +132,84 @@ class Agent:
             self._server = MetricsServer(cfg.metrics_bind_address, self.metrics, ready=lambda: self.ready, status=self.status)
         except (ValueError, OSError) as exc:
             raise AgentError(f"-metrics-bind-address {cfg.metrics_bind_address}: {exc}") from None
-        self._watcher.changed()
         try:
-            objects = load_objects(list(cfg.manifests))
-        except ManifestError as exc:
+            if self.source is None:
+                self.source = make_source(cfg)
+            self.source.open()
+        except SourceError as exc:
             raise AgentError(str(exc)) from None
-        digest = manifest_digest(list(cfg.manifests))
-        new = {object_key(o): o for o in objects}
-        ops = diff({}, new)
-        for op in ops:
-            self._apply_local(op)
-        self.objects = new
-        backend = cfg.backend or detect_backend()
         try:
-            ruleset_config = RulesetConfig(backend=backend, queue_id=cfg.queue_id, queue_count=cfg.queue_count, fail_open=cfg.fail_open)
+            backend = cfg.backend or detect_backend()
+        except DataplaneError as exc:
+            raise AgentError(f"nftables is not usable here (are we root, with nft and iptables installed?): {exc}") from None
+        try:
+            ruleset_config = RulesetConfig(backend=backend, queue_id=cfg.queue_id, queue_count=cfg.queue_count, fail_open=cfg.fail_open, accept_cache=cfg.accept_cache)
         except ValueError as exc:
             raise AgentError(str(exc)) from None
         self._ruleset = Ruleset(ruleset_config)
-        self._start_workers()
+        self._start_workers()  # fork now: no thread of ours exists yet
+        self._server.start()  # /healthz answers from here on; /readyz only once ready
+        self.source.start()
+        started = time.monotonic()
+        if not self._wait_synced():
+            return  # stopped before every source synced: never ready
+        batch = self.source.take() or Batch()
+        ops = self._ops(batch.changes)
+        for op in ops:
+            self._apply_local(op)
         self.generation = 1
         self._send_all(("batch", self.generation, ops))
         self._send_all(("ready",))
         self._wait_applied(self.generation)
         self._sync_ruleset(force=True)
         with self._lock:
-            self.digest = digest
+            self.applied.update(batch.marks)
+        # The objects of the initial state live as long as the agent: keep the collector from
+        # scanning them again and again.
+        gc.collect()
+        gc.freeze()
         self.ready = True
-        self._server.start()
         log.info(
-            "ready: node %s, %d objects, %d local pod IPs diverted, queue %d-%d (%s)",
-            cfg.node, len(new), sum(len(s) for s in self._managed), cfg.queue_id, cfg.queue_id + cfg.queue_count - 1, backend.value,
+            "ready: node %s, %d objects, synced in %.2f s, %d local pod IPs diverted, queue %d-%d (%s)",
+            cfg.node, len(self.objects), time.monotonic() - started, sum(len(s) for s in self._managed),
+            cfg.queue_id, cfg.queue_id + cfg.queue_count - 1, backend.value,
         )
 
-    def run(self) -> None:
-        """Watch sources and workers until stop()."""
+    def _wait_synced(self) -> bool:
+        """Until every source has synced (True) or stop() (False); serves the workers meanwhile."""
+        assert self.source is not None
+        next_log = time.monotonic() + SYNC_LOG_INTERVAL_S
         while not self._stop.is_set():
-            self._pump(POLL_INTERVAL_S)
+            if self.source.synced():
+                return True
+            self._pump(0.05)
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + SYNC_LOG_INTERVAL_S
+                waiting = sorted(n for n, st in self.source.status().items() if isinstance(st, dict) and not st.get("synced"))
+                log.warning("not ready: waiting for %s to sync", ", ".join(waiting) or "the sources")
+        return False
+
+    def run(self) -> None:
+        """Apply the source's changes and serve the workers until stop()."""
+        assert self.source is not None
+        while not self._stop.is_set():
+            if self._pump(POLL_INTERVAL_S, with_source=True):
+                self._stop.wait(BATCH_WINDOW_S)  # the first change of a burst: let the rest arrive
             if self._stop.is_set():
                 break
-            if self._watcher.changed():
-                self.reload()
+            batch = self.source.take()
+            if batch is not None:
+                self.apply(batch)
             self._check_workers()
 
     def stop(self) -> None:
         self._stop.set()
 
     def shutdown(self) -> None:
-        """Stop workers; keep (fail-open) or remove (fail-closed) the ruleset."""
+        """Stop the source and the workers; keep (fail-open) or remove (fail-closed) the ruleset."""
         self.ready = False
+        if self.source is not None:
+            self.source.stop()
         for w in self._workers:
             try:
                 w.conn.send(("stop",))
@@ -169,29 +230,56 @@ class Agent:
 
     # ---- changes -------------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Re-read the manifests; an invalid set is refused as a whole (the old state stays)."""
-        try:
-            objects = load_objects(list(self.config.manifests))
-        except ManifestError as exc:
-            log.error("manifests not applied, the previous state stays in force:\n%s", exc)
-            return False
-        digest = manifest_digest(list(self.config.manifests))
-        new = {object_key(o): o for o in objects}
-        ops = diff(self.objects, new)
+    def apply(self, batch: Batch) -> None:
+        """Apply a batch of changes here and in every worker, then bring the ruleset in step."""
         started = time.monotonic()
+        ops = self._ops(batch.changes)
         if ops:
             for op in ops:
                 self._apply_local(op)
-            self.objects = new
             self.generation += 1
             self._send_all(("batch", self.generation, ops))
             self._wait_applied(self.generation)
+            try:  # every worker judges with the new state now: forget what the old one accepted
+                assert self._ruleset is not None
+                self._ruleset.flush_cache()
+            except DataplaneError as exc:
+                log.error("flushing the accept cache failed (its entries expire within their timeout): %s", exc)
             self._sync_ruleset()
         with self._lock:
-            self.digest = digest
-        log.info("applied %d changes in %.1f ms (generation %d)", len(ops), (time.monotonic() - started) * 1000, self.generation)
-        return True
+            self.applied.update(batch.marks)
+        if ops or "digest" in batch.marks:
+            log.log(
+                logging.INFO if "digest" in batch.marks else logging.DEBUG,
+                "applied %d changes in %.1f ms (generation %d)", len(ops), (time.monotonic() - started) * 1000, self.generation,
+            )
+
+    def _ops(self, changes: list[Change]) -> list[Op]:
+        """Worker operations for `changes`, coalesced per object (the last change wins) and
+        checked against what is applied; namespaces and nodes first so that pods and policies
+        see their labels, deletions last. Updates self.objects."""
+        final: dict[Key, ApiObject | None] = {}
+        for change in changes:
+            final[change.key] = change.new
+        order = {"Namespace": 0, "Node": 1, "Pod": 2}
+        applies: list[tuple[Key, ApiObject]] = []
+        deletes: list[Key] = []
+        for key, new in final.items():
+            current = self.objects.get(key)
+            if new is None:
+                if current is not None:
+                    deletes.append(key)
+            elif current is None or current != new:
+                applies.append((key, new))
+        applies.sort(key=lambda kv: order.get(kv[0][0], 3))
+        ops: list[Op] = []
+        for key, obj in applies:
+            self.objects[key] = obj
+            ops.append(("apply", obj))
+        for key in deletes:
+            del self.objects[key]
+            ops.append(("delete", key[0], key[1], key[2]))
+        return ops
 
     def _apply_local(self, op: Op) -> None:
         if op[0] == "apply":
@@ -215,17 +303,36 @@ class Agent:
             return
         self._managed = (v4, v6)
 
+    def _applied_counts(self) -> dict[str, int]:
+        """Objects of each kind in the applied state: a barrier for tools that delete objects
+        (a deletion has no resourceVersion to wait for)."""
+        counts: dict[str, int] = {}
+        for kind, _, _ in self.objects:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     def status(self) -> dict[str, object]:
+        """For /statusz: readiness, what is applied, and per source (each watched resource) its
+        sync state, the resourceVersion seen and the one applied (in every worker)."""
         with self._lock:
-            return {
+            out: dict[str, object] = {
                 "ready": self.ready,
                 "node": self.config.node,
+                "mode": "standalone" if self.config.manifests else "kubernetes",
                 "generation": self.generation,
-                "digest": self.digest,
+                "digest": self.applied.get("digest", ""),
                 "diverted_ipv4": sorted(self._managed[0]),
                 "diverted_ipv6": sorted(self._managed[1]),
                 "objects": len(self.objects),
+                "appliedObjects": self._applied_counts(),
             }
+            applied = dict(self.applied)
+        sources = self.source.status() if self.source is not None else {}
+        for name, st in sources.items():
+            if isinstance(st, dict) and name in applied:
+                st["appliedResourceVersion"] = applied[name]
+        out["sources"] = sources
+        return out
 
     # ---- workers -------------------------------------------------------------------------------
 
@@ -241,7 +348,10 @@ class Agent:
         cfg = self.config
         parent, child = ctx.Pipe()
         wc = WorkerConfig(queue_num=queue_num, node=cfg.node, features=cfg.features, fail_open=cfg.fail_open)
-        p = ctx.Process(target=worker_main, args=(child, wc), name=f"knp-queue-{queue_num}", daemon=True)
+        # The child must not keep our ends of the pipes (its own and other workers'): if this
+        # process dies without a shutdown, the worker has to see EOF and exit, unbinding its queue.
+        inherited = [parent, *(w.conn for w in self._workers)]
+        p = ctx.Process(target=_worker_entry, args=(child, wc, inherited), name=f"knp-queue-{queue_num}", daemon=True)
         p.start()
         child.close()
         if not parent.poll(WORKER_START_TIMEOUT_S):
@@ -267,13 +377,21 @@ class Agent:
                 raise AgentError(f"workers did not apply generation {generation} within {APPLY_TIMEOUT_S:.0f} s")
             self._pump(0.05)
 
-    def _pump(self, timeout: float) -> None:
-        """Read what workers sent: acknowledgements and metrics."""
-        conns = [w.conn for w in self._workers]
+    def _pump(self, timeout: float, with_source: bool = False) -> bool:
+        """Read what workers sent: acknowledgements and metrics. With `with_source`, also wake
+        up when the source has changes waiting, and say so."""
+        conns: list[Any] = [w.conn for w in self._workers]
+        fd = self.source.fileno() if with_source and self.source is not None else None
+        if fd is not None:
+            conns.append(fd)
         if not conns:
             self._stop.wait(timeout)
-            return
+            return False
+        source_ready = False
         for ready in wait(conns, timeout):
+            if isinstance(ready, int):  # the source's descriptor
+                source_ready = True
+                continue
             w = next(x for x in self._workers if x.conn is ready)
             conn = w.conn
             try:
@@ -286,6 +404,7 @@ class Agent:
                         self.metrics.record_errors(msg[3])
             except (EOFError, OSError):
                 pass
+        return source_ready
 
     def _check_workers(self) -> None:
         """A worker that died is replaced and given the whole current state."""
@@ -302,6 +421,13 @@ class Agent:
             self._workers[i] = nw
             nw.conn.send(("batch", self.generation, diff({}, self.objects)))
             nw.conn.send(("ready",))
+
+
+def _worker_entry(conn: Connection, config: WorkerConfig, inherited: list[Connection]) -> None:
+    """A forked worker's first step: close the control process's pipe ends it inherited."""
+    for c in inherited:
+        c.close()
+    worker_main(conn, config)
 
 
 def run_agent(config: AgentConfig) -> int:

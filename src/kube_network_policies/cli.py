@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
     run = sub.add_parser("run", help="run the agent on this node", allow_abbrev=False)
-    run.add_argument("--manifests", nargs="+", metavar="PATH", help="standalone mode: enforce the objects in these files or directories (re-read when they change)")
+    run.add_argument("--manifests", nargs="+", metavar="PATH", help="standalone mode: enforce the objects in these files or directories (re-read when they change); without it the agent watches the Kubernetes API")
+    run.add_argument("--kubeconfig", "-kubeconfig", metavar="PATH", help="Kubernetes mode: the kubeconfig to use (default: the in-cluster service account, then $KUBECONFIG)")
     run.add_argument("--hostname-override", "-hostname-override", dest="hostname", metavar="NODE", help="this node's name (default: $NODE_NAME, then the host name)")
     add_agent_flags(run)
 
@@ -42,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also list passing scenarios")
     run.add_argument("--tables", action="store_true", help="print the truth table of every probe, not only of wrong ones")
     run.add_argument("--timeout", type=float, default=1.0, help="lab mode: seconds a probe waits before it counts as denied (default 1.0)")
+    run.add_argument("--apiserver", action="store_true", help="lab mode through a real kube-apiserver: objects created over the API, agents in Kubernetes mode")
+    up = lab_sub.add_parser("up", help="bring up a lab cluster with a real API server and leave it running (root)")
+    up.add_argument("path", nargs="?", default=None, metavar="SCENARIO", help="the scenario whose nodes, namespaces and pods to create (default: the bundled demo)")
+    lab_sub.add_parser("down", help="remove the lab cluster `lab up` left running")
+    latency = lab_sub.add_parser("latency", help="policy-change-to-enforcement latency through a real API server, as seen by probes (root)")
+    latency.add_argument("--changes", type=int, default=40)
+    latency.add_argument("--reselect", action="store_true", help="changes that also change the diverted IP set (nftables sync)")
+    latency.add_argument("--json", action="store_true")
+    lbench = lab_sub.add_parser("bench", help="new TCP connections/s between pods through the agent vs no agent (root)")
+    lbench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    lbench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per round (default 5)")
+    lbench.add_argument("--rounds", type=int, default=3, help="(agent, baseline) round pairs per workload (default 3)")
+    lbench.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each measured run (default 1)")
+    lbench.add_argument("--pods", type=int, default=10_000, help="synthetic pods on other nodes (default 10000)")
+    lbench.add_argument("--policies", type=int, default=1_000, help="NetworkPolicies (default 1000)")
+    lbench.add_argument("--concurrency", type=int, default=64, help="connections in flight per workload (default 64)")
+    lbench.add_argument("--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL", help="run the agent with its accept cache (default true)")
 
     bench = sub.add_parser("bench", help="benchmark the policy engine (prints figures)")
     bench.add_argument("--pods", type=int, default=10_000)
@@ -93,6 +111,8 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text)
     p.add_argument("-nfqueue-id", "--nfqueue-id", dest="nfqueue_id", type=_queue, default=100, metavar="N", help="first NFQUEUE number (default 100)")
     p.add_argument("-nfqueue-count", "--nfqueue-count", dest="nfqueue_count", type=_count, default=1, metavar="N", help="queues (one worker process each, default 1)")
+    p.add_argument("-accept-cache", "--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
+                   help="remember accepted (source, destination, protocol, port) tuples in the kernel for 30 s, so repeated connections skip userspace; emptied on every state change (default true)")
     p.add_argument("-metrics-bind-address", "--metrics-bind-address", dest="metrics_bind_address", default=":9080", metavar="ADDR", help="metrics and health endpoints (default :9080)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -132,6 +152,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from kube_network_policies.lab.runner import run_paths
 
+    if args.lab_command == "latency":
+        from kube_network_policies.lab.bench_latency import run_latency
+        from kube_network_policies.lab.netns_mode import check_lab_prerequisites
+
+        problem = check_lab_prerequisites()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_latency(changes=args.changes, reselect=args.reselect, as_json=args.json)
+    if args.lab_command in ("up", "down"):
+        from kube_network_policies.lab.netns_mode import check_lab_prerequisites
+        from kube_network_policies.lab.up import lab_down, lab_up
+
+        problem = check_lab_prerequisites()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.lab_command == "down":
+            return lab_down()
+        from pathlib import Path
+
+        default = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+        return lab_up(args.path or str(default))
     if args.lab_command == "run":
         if args.engine_only:
             from kube_network_policies.lab.engine_mode import EngineMode
@@ -145,7 +188,27 @@ def cmd_lab(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_USAGE
         exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C: namespaces and agents are removed
-        return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
+        if not args.apiserver:
+            return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
+        from kube_network_policies.lab.apiserver_mode import ApiLabMode
+        from kube_network_policies.lab.netns_mode import LabError
+
+        try:
+            mode = ApiLabMode(timeout=args.timeout)
+        except LabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return run_paths(args.paths, mode, verbose=args.verbose, tables=args.tables)
+        finally:
+            mode.close()
+    if args.lab_command == "bench":
+        from kube_network_policies.lab.bench_lab import run_lab_bench
+        from kube_network_policies.lab.topology import exit_on_sigterm
+
+        exit_on_sigterm()
+        return run_lab_bench(seconds=args.seconds, rounds=args.rounds, as_json=args.json, warmup=args.warmup,
+                             pods=args.pods, policies=args.policies, concurrency=args.concurrency, accept_cache=args.accept_cache)
     return EXIT_USAGE
 
 
@@ -157,18 +220,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kube_network_policies.engine import Features
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.manifests:
-        print("error: --manifests is required (Kubernetes mode is not available in this build)", file=sys.stderr)
+    if args.manifests and args.kubeconfig:
+        print("error: --manifests (standalone mode) and --kubeconfig (Kubernetes mode) exclude each other", file=sys.stderr)
         return EXIT_USAGE
     node = args.hostname or os.environ.get("NODE_NAME") or socket.gethostname()
     config = AgentConfig(
-        manifests=tuple(args.manifests),
+        manifests=tuple(args.manifests or ()),
         node=node,
         features=Features(args.admin_network_policy, args.baseline_admin_network_policy, args.cluster_network_policy),
         fail_open=args.fail_open,
         queue_id=args.nfqueue_id,
         queue_count=args.nfqueue_count,
+        accept_cache=args.accept_cache,
         metrics_bind_address=args.metrics_bind_address,
+        kubeconfig=args.kubeconfig,
     )
     return run_agent(config)
 

@@ -226,21 +226,24 @@ def test_this_machine_lacks_nft_queue() -> None:
 # --- sync -----------------------------------------------------------------------------------
 
 
-def test_sync_resync_in_place(topo: Topology, backend: Backend) -> None:
-    config = RulesetConfig(backend=backend)
+@pytest.mark.parametrize("accept_cache", [True, False], ids=["cache", "no-cache"])
+def test_sync_resync_in_place(topo: Topology, backend: Backend, accept_cache: bool) -> None:
+    config = RulesetConfig(backend=backend, accept_cache=accept_cache)
+    cache: dict[str, set[str]] = {"accepted-v4": set(), "accepted-v6": set()} if accept_cache else {}
     rs = Ruleset(config, netns=topo.node)
     rs.sync(["10.99.1.2", "10.99.1.3"], ["fd99:1::2"])
     first = read_table(topo)
-    assert first["sets"] == {"podips-v4": {"10.99.1.2", "10.99.1.3"}, "podips-v6": {"fd99:1::2"}}
+    assert first["sets"] == {"podips-v4": {"10.99.1.2", "10.99.1.3"}, "podips-v6": {"fd99:1::2"}, **cache}
     assert {name: (hook, prio) for name, (hook, prio, _) in first["chains"].items()} == {
         c.name: (c.hook, c.priority) for c in base_chains(config)
     }
     rules_before = {name: len(rules) for name, rules in first["rules"].items()}
-    assert rules_before["postrouting"] == 8 and rules_before["input"] == 5
+    extra = 2 if accept_cache else 0  # the two cache lookups
+    assert rules_before["postrouting"] == 8 + extra and rules_before["input"] == 5 + extra
 
     rs.sync(["10.99.1.4"], ["fd99:1::4", "fd99:1::5"])
     second = read_table(topo)
-    assert second["sets"] == {"podips-v4": {"10.99.1.4"}, "podips-v6": {"fd99:1::4", "fd99:1::5"}}
+    assert second["sets"] == {"podips-v4": {"10.99.1.4"}, "podips-v6": {"fd99:1::4", "fd99:1::5"}, **cache}
     # Same table and base chains (same handles): nothing was deleted and re-created, so no
     # hook was unregistered, so no queued packet was dropped.
     assert second["handle"] == first["handle"]
@@ -248,7 +251,7 @@ def test_sync_resync_in_place(topo: Topology, backend: Backend) -> None:
     assert {name: len(rules) for name, rules in second["rules"].items()} == rules_before
 
     rs.sync([], [])
-    assert read_table(topo)["sets"] == {"podips-v4": set(), "podips-v6": set()}
+    assert read_table(topo)["sets"] == {"podips-v4": set(), "podips-v6": set(), **cache}
     if backend is Backend.XT_NFQUEUE:
         assert len(our_xt_rules(topo)) == 4
 
@@ -374,6 +377,38 @@ def test_xt_mark_is_visible_to_iptables_only(topo: Topology) -> None:
     assert counters["late"] == 0, "the mark bit was cleared after the mangle hook"
     pkts = sh("ip", "netns", "exec", topo.node, "iptables", "-t", "mangle", "-L", "POSTROUTING", "-v", "-x", "-n").stdout
     assert any("NFQUEUE" in ln and int(ln.split()[0]) >= 1 for ln in pkts.splitlines()), pkts
+
+
+def cached(t: Topology) -> set[tuple[str, str, str, int]]:
+    """The accept cache's tuples (both families)."""
+    sets = read_table(t)["sets"]
+    return {tuple(json.loads(e)["elem"]["val"]["concat"]) for e in sets["accepted-v4"] | sets["accepted-v6"]}
+
+
+def test_accept_cache_holds_what_came_back_from_the_queue(topo: Topology, backend: Backend) -> None:
+    """Without a listener: fail-closed drops diverted packets, so nothing is remembered; fail-open
+    bypasses the queue and the packet comes back through the chain after it, so its tuple IS
+    remembered (an unjudged accept: why entries only ever live ACCEPT_CACHE_TIMEOUT_S, and why
+    the agent's start-up sync empties the sets). flush_cache() and every sync empty them."""
+    closed = Ruleset(RulesetConfig(backend=backend), netns=topo.node)
+    closed.sync(["10.99.1.2"], ["fd99:1::2"])
+    assert not topo.connect(topo.peer, "10.99.1.2") and not topo.connect(topo.peer, "fd99:1::2")
+    assert cached(topo) == set()
+    opened = Ruleset(RulesetConfig(backend=backend, fail_open=True), netns=topo.node)
+    opened.sync(["10.99.1.2"], ["fd99:1::2"])
+    assert topo.connect(topo.peer, "10.99.1.2") and topo.connect(topo.peer, "fd99:1::2")
+    assert topo.connect(topo.pod, "10.99.1.1")  # pod to its node: the input chain
+    assert cached(topo) == {
+        ("10.99.2.2", "10.99.1.2", "tcp", PORT),
+        ("fd99:2::2", "fd99:1::2", "tcp", PORT),
+        ("10.99.1.2", "10.99.1.1", "tcp", PORT),
+    }
+    opened.flush_cache()
+    assert cached(topo) == set()
+    assert topo.connect(topo.peer, "10.99.1.2")
+    assert len(cached(topo)) == 1
+    opened.sync(["10.99.1.2"], ["fd99:1::2"])
+    assert cached(topo) == set()
 
 
 # --- shutdown -------------------------------------------------------------------------------

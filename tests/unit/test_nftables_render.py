@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from kube_network_policies.dataplane.nftables import (
+    ACCEPT_CACHE_SIZE,
+    ACCEPT_CACHE_TIMEOUT_S,
     DEFAULT_MARK,
     Backend,
     CommandError,
@@ -24,6 +26,8 @@ from kube_network_policies.dataplane.nftables import (
 
 NFT = RulesetConfig(backend=Backend.NFT_QUEUE)
 XT = RulesetConfig(backend=Backend.XT_NFQUEUE)
+NFT_PLAIN = RulesetConfig(backend=Backend.NFT_QUEUE, accept_cache=False)
+XT_PLAIN = RulesetConfig(backend=Backend.XT_NFQUEUE, accept_cache=False)
 T = "inet kube-network-policies"
 
 
@@ -56,7 +60,7 @@ def test_sync_text_never_deletes(config: RulesetConfig) -> None:
 
 
 def test_nft_queue_fail_closed() -> None:
-    text = render(NFT, ["10.244.1.2", "10.244.1.3"], ["fd00:10:244:1::2"])
+    text = render(NFT_PLAIN, ["10.244.1.2", "10.244.1.3"], ["fd00:10:244:1::2"])
     assert f"add chain {T} postrouting {{ type filter hook postrouting priority 95; policy accept; }}" in text
     assert f"add chain {T} input {{ type filter hook input priority 101; policy accept; }}" in text
     post = rules(text, "postrouting")
@@ -77,7 +81,8 @@ def test_nft_queue_fail_closed() -> None:
     assert inp[2] == "ct state != new accept"
     assert not any("skuid" in r for r in inp)  # in input the socket is the receiving one
     assert [r.split(" queue")[0] for r in inp if "queue" in r] == ["ip saddr @podips-v4", "ip6 saddr @podips-v6"]
-    assert "mark" not in text  # nft-queue needs no mark
+    assert "mark" not in text  # nft-queue needs no mark (without the accept cache)
+    assert [c.name for c in base_chains(NFT_PLAIN)] == ["postrouting", "input"]
     assert elements(text, "podips-v4") == ["10.244.1.2", "10.244.1.3"]
     assert elements(text, "podips-v6") == ["fd00:10:244:1::2"]
 
@@ -114,9 +119,10 @@ def test_nft_queue_several_queues(fail_open: bool, fanout: bool, expected: str) 
 
 
 def test_xt_nfqueue_marks_and_clears() -> None:
-    text = render(XT, ["10.244.1.2"], ["fd00::2"])
+    text = render(XT_PLAIN, ["10.244.1.2"], ["fd00::2"])
     assert "queue num" not in text  # such kernels have no nft_queue: nft must never queue
-    chains = {c.name: c for c in base_chains(XT)}
+    assert "accepted" not in text  # no accept cache
+    chains = {c.name: c for c in base_chains(XT_PLAIN)}
     # Marking runs before iptables' mangle chains (-150), clearing right after them.
     assert chains["postrouting"].priority == chains["input"].priority == -155
     assert chains["postrouting-unmark"].priority == chains["input-unmark"].priority == -145
@@ -127,6 +133,84 @@ def test_xt_nfqueue_marks_and_clears() -> None:
     for chain in ("postrouting-unmark", "input-unmark"):
         (rule,) = rules(text, chain)
         assert rule.startswith("meta mark and 0x00002000 == 0x00002000 meta mark set meta mark and 0xffffdfff")
+
+
+# --- the accept cache -----------------------------------------------------------------------
+
+CACHE_RULES = [
+    'ip saddr . ip daddr . meta l4proto . th dport @accepted-v4 accept comment "accepted before (accept cache)"',
+    'ip6 saddr . ip6 daddr . meta l4proto . th dport @accepted-v6 accept comment "accepted before (accept cache)"',
+]
+REMEMBER = [
+    "meta mark and 0x00002000 == 0x00002000 meta l4proto { tcp, udp, sctp } "
+    'add @accepted-v4 { ip saddr . ip daddr . meta l4proto . th dport } comment "accepted by the agent: remember"',
+    "meta mark and 0x00002000 == 0x00002000 meta l4proto { tcp, udp, sctp } "
+    'add @accepted-v6 { ip6 saddr . ip6 daddr . meta l4proto . th dport } comment "accepted by the agent: remember"',
+    'meta mark and 0x00002000 == 0x00002000 meta mark set meta mark and 0xffffdfff comment "clear the queueing mark bit"',
+]
+
+
+def test_accept_cache_is_on_by_default() -> None:
+    assert NFT.accept_cache and XT.accept_cache
+
+
+@pytest.mark.parametrize("config", [NFT, XT])
+def test_accept_cache_sets_are_declared_and_flushed_by_every_sync(config: RulesetConfig) -> None:
+    text = render(config, ["10.0.0.1"], [])
+    flags = f"flags dynamic, timeout; timeout {ACCEPT_CACHE_TIMEOUT_S}s; size {ACCEPT_CACHE_SIZE};"
+    assert f"add set {T} accepted-v4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; {flags} }}\n" in text
+    assert f"add set {T} accepted-v6 {{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; {flags} }}\n" in text
+    assert f"flush set {T} accepted-v4\nflush set {T} accepted-v6\n" in text
+    assert elements(text, "accepted-v4") == elements(text, "accepted-v6") == []
+
+
+@pytest.mark.parametrize("config", [NFT, XT, RulesetConfig(backend=Backend.NFT_QUEUE, queue_count=2, fail_open=True)])
+def test_accept_cache_lookups_come_right_before_the_diverts(config: RulesetConfig) -> None:
+    text = render(config, ["10.0.0.1"], ["fd00::1"])
+    post, inp = rules(text, "postrouting"), rules(text, "input")
+    # After every exemption (replies, root sockets), before the first divert.
+    assert post[2:7] == ["ct state != new accept", post[3], *CACHE_RULES, post[6]]
+    assert "skuid 0" in post[3] and post[6].startswith("ip saddr @podips-v4 ")
+    assert inp[2:5] == ["ct state != new accept", *CACHE_RULES]
+    assert inp[5].startswith("ip saddr @podips-v4 ")
+    # Every divert marks the packet, so the chain after the queue knows it came back accepted.
+    diverts = [r for r in post + inp if "@podips" in r]
+    assert len(diverts) == 6 and all("meta mark set meta mark or 0x00002000 " in r for r in diverts)
+
+
+def test_accept_cache_nft_queue_marks_before_queueing_and_remembers_after() -> None:
+    text = render(NFT, ["10.0.0.1"], [])
+    chains = {c.name: c for c in base_chains(NFT)}
+    # After the queueing chains (95 / 101), before SNAT (100) on postrouting.
+    assert [(c.name, c.hook, c.priority) for c in base_chains(NFT)] == [
+        ("postrouting", "postrouting", 95),
+        ("input", "input", 101),
+        ("postrouting-unmark", "postrouting", 96),
+        ("input-unmark", "input", 102),
+    ]
+    assert chains["postrouting-unmark"].priority < 100
+    diverts = [r for r in rules(text, "postrouting") if "@podips" in r]
+    assert all(" meta mark set meta mark or 0x00002000 queue num 100 comment" in r for r in diverts)
+    for chain in ("postrouting-unmark", "input-unmark"):
+        assert rules(text, chain) == REMEMBER
+    assert xt_rules(NFT) == ()
+
+
+def test_accept_cache_xt_remembers_in_the_unmark_chains() -> None:
+    text = render(XT, ["10.0.0.1"], [])
+    assert [c.priority for c in base_chains(XT)] == [-155, -155, -145, -145]
+    for chain in ("postrouting-unmark", "input-unmark"):
+        # Separate rules: a full set fails its `add` (ending that rule), the mark is still cleared.
+        assert rules(text, chain) == REMEMBER
+    diverts = [r for r in rules(text, "postrouting") if "@podips" in r]
+    assert len(diverts) == 4 and all(" meta mark set meta mark or 0x00002000 accept comment" in r for r in diverts)
+
+
+@pytest.mark.parametrize("config", [NFT_PLAIN, XT_PLAIN])
+def test_without_accept_cache_nothing_of_it_is_rendered(config: RulesetConfig) -> None:
+    text = render(config, ["10.0.0.1"], ["fd00::1"])
+    assert "accepted" not in text and "th dport" not in text
+    assert len([r for r in rules(text, "postrouting") if "@podips" in r]) == 4
 
 
 def test_xt_custom_mark() -> None:
@@ -291,13 +375,26 @@ def test_stale_xt_rule_is_replaced_without_a_gap() -> None:
     assert ops[-2:] == ["-I", "-D"]  # insert the new rule before deleting the old
 
 
-def test_xt_rule_flushed_by_someone_else_is_restored() -> None:
+def test_xt_rule_flushed_by_someone_else_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kube_network_policies.dataplane.nftables as nftables
+
+    monkeypatch.setattr(nftables, "XT_RECHECK_S", 0.0)  # the periodic re-check is due at once
     fake = FakeRunner()
     rs = Ruleset(XT, runner=fake)
     rs.sync([], [])
     fake.chains[("ip6tables", "POSTROUTING")].clear()
     rs.sync([], [])
     assert len(fake.chains[("ip6tables", "POSTROUTING")]) == 1
+
+
+def test_syncs_between_xt_rechecks_run_only_nft() -> None:
+    """A sync is on the policy-to-enforcement path: no iptables runs until the re-check is due."""
+    fake = FakeRunner()
+    rs = Ruleset(XT, runner=fake)
+    rs.sync(["10.0.0.1"], [])
+    n = len(fake.calls)
+    rs.sync(["10.0.0.2"], [])
+    assert [argv[0] for argv, _ in fake.calls[n:]] == ["nft"]
 
 
 @pytest.mark.parametrize("config", [XT, NFT])
@@ -367,6 +464,61 @@ def test_stale_chain_is_replaced_on_first_sync_only() -> None:
     rs.sync([], [])
     assert "delete" not in fake.nft_scripts()[1]
     assert [a[0] for a, _ in fake.calls[n:]] == ["nft"]  # steady state: one nft run
+
+
+@pytest.mark.parametrize("config", [NFT, XT])
+def test_flush_cache_is_one_transaction_after_the_first_sync_only(config: RulesetConfig) -> None:
+    fake = FakeRunner()
+    rs = Ruleset(config, runner=fake, netns="ns1")
+    rs.flush_cache()  # before the first sync the sets do not exist: nothing to do
+    assert fake.calls == []
+    rs.sync(["10.0.0.1"], [])
+    n = len(fake.calls)
+    rs.flush_cache()
+    assert fake.calls[n:] == [
+        (("ip", "netns", "exec", "ns1", "nft", "-f", "-"), f"flush set {T} accepted-v4\nflush set {T} accepted-v6\n")
+    ]
+    rs.shutdown()
+    n = len(fake.calls)
+    rs.flush_cache()  # after shutdown: nothing
+    assert len(fake.calls) == n
+
+
+def test_flush_cache_without_the_cache_does_nothing() -> None:
+    fake = FakeRunner()
+    rs = Ruleset(XT_PLAIN, runner=fake)
+    rs.sync(["10.0.0.1"], [])
+    n = len(fake.calls)
+    rs.flush_cache()
+    assert len(fake.calls) == n
+
+
+def test_flush_cache_error_is_a_command_error() -> None:
+    fake = FakeRunner()
+    rs = Ruleset(XT, runner=fake)
+    rs.sync([], [])
+    fake.nft_rc, fake.nft_stderr = 1, "Error: No such file or directory"
+    with pytest.raises(CommandError, match="No such file or directory"):
+        rs.flush_cache()
+
+
+def test_nft_queue_unmark_chains_do_not_mean_an_xt_past() -> None:
+    # A previous nft-queue agent with the accept cache left its unmark chains (fail-open): that is
+    # not the xt layout (mangle + 5), so no iptables command runs.
+    listing = (
+        '{"nftables": [{"chain": {"family": "inet", "table": "kube-network-policies", "name": "postrouting-unmark", '
+        '"type": "filter", "hook": "postrouting", "prio": 96}}]}'
+    )
+    fake = FakeRunner()
+
+    def runner(argv: Sequence[str], stdin: str | None = None) -> CommandResult:
+        if tuple(argv) == ("nft", "-j", "list", "chains", "inet"):
+            return CommandResult(0, listing, "")
+        return fake(argv, stdin)
+
+    Ruleset(NFT, runner=runner).sync([], [])
+    assert {a[0] for a, _ in fake.calls} == {"nft"}
+    assert "delete" not in fake.nft_scripts()[0]  # same hook and priority: kept in place
 
 
 def test_nft_queue_never_runs_iptables_without_an_xt_past() -> None:

@@ -18,14 +18,31 @@ Two queueing backends, chosen once at start-up by :func:`detect_backend`:
     the marking chains run at mangle - 5 and a second pair of chains at mangle + 5 clears the
     bit again (see :class:`RulesetConfig` ``mark``).
 
+The accept cache (``RulesetConfig.accept_cache``, on by default): the engine's verdict depends
+only on (source IP, destination IP, protocol, destination port) and the engine's state, so a
+tuple userspace accepted once can be accepted in the kernel until that state changes. Per family a
+dynamic set (``accepted-v4``, ``accepted-v6``: ``src . dst . l4proto . dport``, timeout
+ACCEPT_CACHE_TIMEOUT_S, at most ACCEPT_CACHE_SIZE entries) is looked up in the diverting chains
+right before the diverts; a hit is accepted without userspace. Every diverted packet carries the
+mark bit; the ``-unmark`` chains right after the queueing hook see only the packets userspace
+accepted (dropped ones never come back), ``add`` their TCP/UDP/SCTP tuple to the set and clear the
+bit. Other protocols (ICMP, ...) are never cached: ``th dport`` would read their checksum. The
+agent empties both sets (:meth:`Ruleset.flush_cache`, one transaction) after every change of the
+engine's state, once every worker has applied it; every sync empties them too. ``add`` (not
+``update``) never extends an entry: whatever got in, also a packet accepted without a verdict
+(fail-open bypass or full queue), leaves within the timeout even while the tuple stays in use.
+A full set only means more packets go to userspace.
+
 Hook priorities, and why:
 
-postrouting (nft-queue: srcnat - 5 = 95; xt-nfqueue: mangle - 5 = -155)
+postrouting (nft-queue: srcnat - 5 = 95, unmark srcnat - 4; xt-nfqueue: mangle - 5 = -155,
+unmark mangle + 5)
     Sees every packet leaving through the node: forwarded pod traffic, locally originated
     traffic, and IPVS traffic (IPVS DNATs in LOCAL_IN and re-sends through LOCAL_OUT, so it
     skips FORWARD). The destination is already DNATed (Service VIP -> pod IP) and the source
     not yet SNATed (srcnat = 100), so both ends are real pod IPs.
-input (nft-queue: srcnat + 1 = 101; xt-nfqueue: mangle - 5 = -155)
+input (nft-queue: srcnat + 1 = 101, unmark srcnat + 2; xt-nfqueue: mangle - 5 = -155, unmark
+mangle + 5)
     Pod-to-own-node traffic never reaches postrouting. srcnat + 1, as in the Go agent, runs
     after IPVS's LOCAL_IN hooks (srcnat - 2 and srcnat - 1): a pod -> ClusterIP packet that
     IPVS steals there is judged later in postrouting with its real backend, and only true
@@ -70,6 +87,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = [
+    "ACCEPT_CACHE_SIZE",
+    "ACCEPT_CACHE_TIMEOUT_S",
+    "CACHE_V4",
+    "CACHE_V6",
     "DEFAULT_MARK",
     "Address",
     "TABLE",
@@ -84,6 +105,7 @@ __all__ = [
     "XtRule",
     "base_chains",
     "detect_backend",
+    "flush_cache_commands",
     "render",
     "run_command",
     "xt_rules",
@@ -94,6 +116,12 @@ log = logging.getLogger(__name__)
 TABLE = "kube-network-policies"
 SET_V4 = "podips-v4"
 SET_V6 = "podips-v6"
+CACHE_V4 = "accepted-v4"
+CACHE_V6 = "accepted-v6"
+# Bounds the life of any entry (see the module docstring): a hot tuple is judged again once per
+# timeout. Also bounds the damage of a missed flush.
+ACCEPT_CACHE_TIMEOUT_S = 30
+ACCEPT_CACHE_SIZE = 65536  # per family; when full, new tuples simply keep going to userspace
 
 # Bit 13. Chosen to avoid the marks other node components are known to use: kube-proxy's
 # masquerade (0x4000) and drop (0x8000) bits, Cilium's 0x0f00 nibble, Istio's 0x539, the AWS
@@ -107,6 +135,7 @@ PRIO_SRCNAT = 100  # NF_IP_PRI_NAT_SRC
 
 # Per nft run; a 100k-element sync takes a few seconds, so this only catches a wedged nft.
 COMMAND_TIMEOUT_S = 120.0
+XT_RECHECK_S = 10.0  # how often a sync re-verifies the iptables queue rules
 # Elements per ``add element`` command: keeps each input line (which nft echoes back in
 # error messages) bounded without measurable cost.
 ELEMENT_CHUNK = 4096
@@ -125,11 +154,15 @@ class Backend(Enum):
 class RulesetConfig:
     """What to render. Validated on construction (ValueError with the offending value).
 
-    mark: the single ``meta mark`` bit used by the xt-nfqueue backend to tell iptables which
-    packets to queue. It is cleared again right after the iptables mangle hook (mangle + 5),
-    because the bit would otherwise travel with the packet through SNAT, policy routing and
-    tc/eBPF programs of other components, which may interpret it (kube-proxy masquerades on
-    0x4000, for instance). Unused by the nft-queue backend.
+    mark: the single ``meta mark`` bit set on diverted packets: by the xt-nfqueue backend to tell
+    iptables which packets to queue, and by both backends when the accept cache is on, so that
+    the chain after the queue recognises the packets userspace accepted. It is cleared again
+    right after the queueing hook (xt: mangle + 5), because the bit would otherwise travel with
+    the packet through SNAT, policy routing and tc/eBPF programs of other components, which may
+    interpret it (kube-proxy masquerades on 0x4000, for instance). Unused by the nft-queue
+    backend without the accept cache.
+    accept_cache: remember accepted (src, dst, protocol, dst port) tuples in the kernel so that
+    later connections of the same tuple skip userspace (module docstring).
     cpu_fanout: with several queues, pick the queue by CPU instead of by address hash. The
     hash (the default) spreads load even when one CPU receives all packets.
     """
@@ -140,6 +173,7 @@ class RulesetConfig:
     fail_open: bool = False
     mark: int = DEFAULT_MARK
     cpu_fanout: bool = False
+    accept_cache: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
@@ -178,10 +212,16 @@ class XtRule:
 def base_chains(config: RulesetConfig) -> tuple[BaseChain, ...]:
     """The base chains of the table for this config (see the module docstring for priorities)."""
     if config.backend is Backend.NFT_QUEUE:
-        return (
+        chains: tuple[BaseChain, ...] = (
             BaseChain("postrouting", "postrouting", PRIO_SRCNAT - 5),
             BaseChain("input", "input", PRIO_SRCNAT + 1),
         )
+        if config.accept_cache:  # after the queue, before SNAT (postrouting) / after it (input)
+            chains += (
+                BaseChain("postrouting-unmark", "postrouting", PRIO_SRCNAT - 4),
+                BaseChain("input-unmark", "input", PRIO_SRCNAT + 2),
+            )
+        return chains
     return (
         BaseChain("postrouting", "postrouting", PRIO_MANGLE - 5),
         BaseChain("input", "input", PRIO_MANGLE - 5),
@@ -217,10 +257,11 @@ def _divert(config: RulesetConfig) -> str:
     if config.backend is Backend.XT_NFQUEUE:
         # `accept` only ends this chain; the iptables mangle rule then queues the packet.
         return f"meta mark set meta mark or {config.mark:#010x} accept"
+    mark = f"meta mark set meta mark or {config.mark:#010x} " if config.accept_cache else ""
     if config.queue_count == 1:
-        stmt = f"queue num {config.queue_id}"
+        stmt = f"{mark}queue num {config.queue_id}"
     else:
-        stmt = f"queue num {config.queue_id}-{config.queue_last}"
+        stmt = f"{mark}queue num {config.queue_id}-{config.queue_last}"
     flags = [f for f, on in (("bypass", config.fail_open), ("fanout", config.cpu_fanout and config.queue_count > 1)) if on]
     return f"{stmt} {','.join(flags)}" if flags else stmt
 
@@ -262,6 +303,12 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
         f"add set {t} {SET_V4} {{ type ipv4_addr; }}",
         f"add set {t} {SET_V6} {{ type ipv6_addr; }}",
     ]
+    if config.accept_cache:
+        flags = f"flags dynamic, timeout; timeout {ACCEPT_CACHE_TIMEOUT_S}s; size {ACCEPT_CACHE_SIZE};"
+        lines += [
+            f"add set {t} {CACHE_V4} {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; {flags} }}",
+            f"add set {t} {CACHE_V6} {{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; {flags} }}",
+        ]
     for c in chains:
         lines.append(f"add chain {t} {c.name} {{ type filter hook {c.hook} priority {c.priority}; policy accept; }}")
     lines += [f"flush chain {t} {c.name}" for c in chains]
@@ -269,10 +316,19 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
         lines.append(f"flush set {t} {name}")
         for i in range(0, len(ips), ELEMENT_CHUNK):
             lines.append(f"add element {t} {name} {{ {', '.join(ips[i:i + ELEMENT_CHUNK])} }}")
+    lines += flush_cache_commands(config)  # the state may have changed: forget every tuple
 
     divert = _divert(config)
     post = f"add rule {t} postrouting"
     inp = f"add rule {t} input"
+    # Accept-cache lookups: after the exemptions, before the diverts. Only TCP/UDP/SCTP tuples are
+    # ever added, so other protocols cannot match (their `th dport` would be a checksum).
+    cached: list[str] = []
+    if config.accept_cache:
+        cached = [
+            f'ip saddr . ip daddr . meta l4proto . th dport @{CACHE_V4} accept comment "accepted before (accept cache)"',
+            f'ip6 saddr . ip6 daddr . meta l4proto . th dport @{CACHE_V6} accept comment "accepted before (accept cache)"',
+        ]
     lines += [
         # IPv6 neighbour discovery (ICMPv6 133-137) must never wait for userspace.
         f'{post} icmpv6 type {{ {_ND_TYPES} }} accept comment "IPv6 neighbour discovery"',
@@ -280,6 +336,7 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
         # Only the first packet of a connection is judged; replies are never "new".
         f"{post} ct state != new accept",
         f'{post} meta skuid 0 accept comment "node-originated traffic (root sockets: kubelet probes)"',
+        *(f"{post} {rule}" for rule in cached),
         f'{post} ip saddr @{SET_V4} {divert} comment "egress of selected pods"',
         f'{post} ip daddr @{SET_V4} {divert} comment "ingress of selected pods"',
         f'{post} ip6 saddr @{SET_V6} {divert} comment "egress of selected pods"',
@@ -288,16 +345,32 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
         # `iif` compares an ifindex (lo is always 1 and cannot be deleted): cheaper than iifname.
         f'{inp} iif "lo" accept comment "loopback"',
         f"{inp} ct state != new accept",
+        *(f"{inp} {rule}" for rule in cached),
         f'{inp} ip saddr @{SET_V4} {divert} comment "selected pods to this node"',
         f'{inp} ip6 saddr @{SET_V6} {divert} comment "selected pods to this node"',
     ]
-    if config.backend is Backend.XT_NFQUEUE:
+    if config.backend is Backend.XT_NFQUEUE or config.accept_cache:
         keep = 0xFFFFFFFF & ~config.mark
-        unmark = f"meta mark and {config.mark:#010x} == {config.mark:#010x} meta mark set meta mark and {keep:#010x}"
+        marked = f"meta mark and {config.mark:#010x} == {config.mark:#010x}"
         for c in chains:
             if c.name.endswith("-unmark"):
-                lines.append(f'add rule {t} {c.name} {unmark} comment "clear the queueing mark bit"')
+                if config.accept_cache:
+                    # Marked packets seen here came back accepted from userspace. Separate rules:
+                    # when a set is full its `add` fails and ends its rule, not the unmarking.
+                    for name, key in ((CACHE_V4, "ip saddr . ip daddr"), (CACHE_V6, "ip6 saddr . ip6 daddr")):
+                        lines.append(
+                            f"add rule {t} {c.name} {marked} meta l4proto {{ tcp, udp, sctp }} "
+                            f'add @{name} {{ {key} . meta l4proto . th dport }} comment "accepted by the agent: remember"'
+                        )
+                lines.append(f'add rule {t} {c.name} {marked} meta mark set meta mark and {keep:#010x} comment "clear the queueing mark bit"')
     return "\n".join(lines) + "\n"
+
+
+def flush_cache_commands(config: RulesetConfig) -> list[str]:
+    """The commands that empty both accept-cache sets (none without the cache)."""
+    if not config.accept_cache:
+        return []
+    return [f"flush set inet {TABLE} {name}" for name in (CACHE_V4, CACHE_V6)]
 
 
 # --- running commands -----------------------------------------------------------------------
@@ -403,6 +476,7 @@ class _State:
     closed: bool = False  # shutdown() or remove() ran: syncs are ignored
     xt_ok: set[XtRule] = field(default_factory=set)  # verified to be the only rule of ours
     xt_before: bool = False  # the table had the xt-nfqueue layout when we started
+    xt_checked_at: float = 0.0  # monotonic time of the last -C check of the iptables rules
 
 
 class Ruleset:
@@ -446,6 +520,22 @@ class Ruleset:
             self._state.synced = True
             # After nft: a queue rule without marking chains would just be idle, never wrong.
             self._ensure_xt()
+
+    def flush_cache(self) -> None:
+        """Forget every accepted tuple (both families, one transaction): call after every change
+        of the engine's state, once every worker has applied it, so that no tuple accepted under
+        the old state skips userspace any longer. Does nothing without the accept cache, before
+        the first sync (the sets do not exist yet; the sync creates them empty) and after
+        shutdown. CommandError if nft refuses (the entries then still expire within
+        ACCEPT_CACHE_TIMEOUT_S).
+        """
+        commands = flush_cache_commands(self._config)
+        if not commands:
+            return
+        with self._lock:
+            if self._state.closed or not self._state.synced:
+                return
+            _check(self._runner, (*self._prefix, "nft", "-f", "-"), "".join(c + "\n" for c in commands))
 
     def shutdown(self) -> None:
         """Stop managing the ruleset, keeping or removing it according to fail-open.
@@ -520,7 +610,9 @@ class Ruleset:
             chain = item.get("chain") if isinstance(item, dict) else None
             if not chain or chain.get("table") != TABLE:
                 continue
-            xt_before |= str(chain.get("name", "")).endswith("-unmark")
+            # The xt layout's unmark chains sit at mangle + 5 (nft-queue's, with the accept
+            # cache, around srcnat).
+            xt_before |= str(chain.get("name", "")).endswith("-unmark") and chain.get("prio") == PRIO_MANGLE + 5
             want = wanted.get(chain.get("name", ""))
             if want and (chain.get("type"), chain.get("hook"), chain.get("prio")) == ("filter", want.hook, want.priority):
                 continue
@@ -549,11 +641,17 @@ class Ruleset:
     def _ensure_xt(self) -> None:
         """Exactly one rule of ours per (binary, chain), equal to the desired one.
 
-        Re-checked with ``-C`` on every sync (about 2 ms each), so a firewall reload that
-        flushed mangle gets repaired. A repair inserts the desired rule at the top (an earlier
-        ACCEPT in mangle must not skip it) before deleting stale ones (another queue number,
-        bypass flag or mark), so there is never a moment without a queue rule.
+        Re-checked with ``-C`` (one iptables run per rule) at most every XT_RECHECK_S seconds,
+        so a firewall reload that flushed mangle gets repaired without putting four process
+        runs on every sync: a sync is on the path from a policy change to its enforcement. A
+        repair inserts the desired rule at the top (an earlier ACCEPT in mangle must not skip
+        it) before deleting stale ones (another queue number, bypass flag or mark), so there is
+        never a moment without a queue rule.
         """
+        now = time.monotonic()
+        if self._state.xt_ok and now - self._state.xt_checked_at < XT_RECHECK_S:
+            return
+        self._state.xt_checked_at = now
         for rule in xt_rules(self._config):
             present = self._runner(self._xt(rule, "-C"), None).returncode == 0
             if present and rule in self._state.xt_ok:

@@ -6,6 +6,7 @@ Runs etcd and kube-apiserver (built by ``hack/controlplane/build.sh``) as child 
     cp.install_crds(["../shared/crds"])         # files or directories of CRD manifests
     status, body = cp.request("GET", "/api/v1/namespaces")
     ...                                         # cp.url, cp.token, cp.kubeconfig_path, cp.ca_path
+    cp.restart_apiserver()                      # same etcd, port and token; fresh watch cache
     cp.stop()
 
 Everything lives in ``workdir`` (a fresh temporary directory, removed on stop, when none is
@@ -208,6 +209,7 @@ class ControlPlane:
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
     _remove_workdir: bool = field(default=False, repr=False)
     _ssl: ssl.SSLContext | None = field(default=None, repr=False)
+    _commands: dict[str, tuple[list[str], Any]] = field(default_factory=dict, repr=False)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -362,6 +364,7 @@ class ControlPlane:
         return cp
 
     def _spawn(self, name: str, cmd: list[str], preexec: Any) -> None:
+        self._commands[name] = (cmd, preexec)
         with open(self.workdir / f"{name}.log", "ab") as log:
             self._procs[name] = subprocess.Popen(
                 cmd,
@@ -429,6 +432,36 @@ class ControlPlane:
         if remove:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self._remove_workdir = False
+
+    def stop_apiserver(self, timeout: float = 15.0) -> None:
+        """Stop kube-apiserver alone (SIGTERM, then SIGKILL after ``timeout`` seconds); etcd and
+        its data stay. Clients see their connections closed, then refused."""
+        proc = self._procs.pop("kube-apiserver", None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def start_apiserver(self, timeout: float = 120.0) -> None:
+        """Start kube-apiserver again after :meth:`stop_apiserver`: the same flags, port,
+        certificates, token and etcd, so ``url``, ``token`` and the kubeconfig stay valid.
+        Returns once ``/readyz`` answers 200. Call it from the thread that started the
+        control plane (see ``die_with_parent``)."""
+        if "kube-apiserver" in self._procs:
+            raise ControlPlaneError("kube-apiserver is already running")
+        cmd, preexec = self._commands["kube-apiserver"]
+        self._spawn("kube-apiserver", cmd, preexec)
+        self._wait_ready(timeout)
+
+    def restart_apiserver(self, timeout: float = 120.0) -> None:
+        """:meth:`stop_apiserver`, then :meth:`start_apiserver`. Its watch cache starts anew, so
+        watches from a resourceVersion of before the restart get 410 Gone."""
+        self.stop_apiserver()
+        self.start_apiserver(timeout)
 
     def __enter__(self) -> ControlPlane:
         return self

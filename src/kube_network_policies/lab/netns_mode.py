@@ -74,7 +74,7 @@ def _external_ips(scenario: Scenario) -> list[str]:
 class Agent:
     """One agent process in a node namespace."""
 
-    def __init__(self, topology: Topology, node: str, manifests: Path, flags: list[str], port: int, log_path: Path) -> None:
+    def __init__(self, topology: Topology, node: str, manifests: Path | None, flags: list[str], port: int, log_path: Path, kubeconfig: Path | None = None) -> None:
         self.node = node
         self.netns = topology.node_netns(node)
         self.port = port
@@ -84,7 +84,8 @@ class Agent:
         argv = [
             shutil.which("ip") or "ip", "netns", "exec", self.netns,
             sys.executable, "-m", "kube_network_policies", "run",
-            "--manifests", str(manifests), "--hostname-override", node,
+            *(["--manifests", str(manifests)] if manifests is not None else ["--kubeconfig", str(kubeconfig)]),
+            "--hostname-override", node,
             "-metrics-bind-address", f"127.0.0.1:{port}", *flags,
         ]
         self._log = open(log_path, "wb")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,15 @@ from typing import Any
 
 import yaml
 
-from kube_network_policies.model import ApiObject, ValidationError, parse_object
+from kube_network_policies.model import (
+    ApiObject,
+    ValidationError,
+    object_key,
+    parse_object,
+)
+from kube_network_policies.sources.base import Batch, Change, Key, SourceError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -138,3 +147,69 @@ class ManifestWatcher:
             self._signature = current
             return True
         return False
+
+
+def diff_objects(old: Mapping[Key, ApiObject], new: Mapping[Key, ApiObject]) -> list[Change]:
+    """The changes that turn `old` into `new`."""
+    changes = [Change(key, old.get(key), obj) for key, obj in new.items() if old.get(key) != obj]
+    changes.extend(Change(key, obj, None) for key, obj in old.items() if key not in new)
+    return changes
+
+
+class ManifestSource:
+    """Manifest files as a source (standalone mode): read when the agent starts, read again when
+    they change. A set with an invalid object is refused as a whole: the previous state stays in
+    force. Each batch is marked with the digest of the files it came from."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = list(paths)
+        self.objects: dict[Key, ApiObject] = {}
+        self.digest = ""
+        self._watcher = ManifestWatcher(self.paths)
+        self._pending: Batch | None = None
+        self._opened = False
+
+    name = "manifests"
+
+    def _read(self) -> tuple[dict[Key, ApiObject], str]:
+        objects = load_objects(self.paths)
+        return {object_key(o): o for o in objects}, manifest_digest(self.paths)
+
+    def open(self) -> None:
+        self._watcher.changed()
+        try:
+            new, digest = self._read()
+        except ManifestError as exc:
+            raise SourceError(str(exc)) from None
+        self._pending = Batch(diff_objects({}, new), {"digest": digest})
+        self.objects, self.digest, self._opened = new, digest, True
+
+    def start(self) -> None:
+        pass
+
+    def synced(self) -> bool:
+        return self._opened
+
+    def take(self) -> Batch | None:
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            return batch
+        if not self._watcher.changed():
+            return None
+        try:
+            new, digest = self._read()
+        except ManifestError as exc:
+            log.error("manifests not applied, the previous state stays in force:\n%s", exc)
+            return None
+        batch = Batch(diff_objects(self.objects, new), {"digest": digest})
+        self.objects, self.digest = new, digest
+        return batch
+
+    def fileno(self) -> int | None:
+        return None
+
+    def status(self) -> dict[str, object]:
+        return {"manifests": {"synced": self._opened, "digest": self.digest, "objects": len(self.objects), "paths": self.paths}}
+
+    def stop(self) -> None:
+        pass
