@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's tests, as CI runs them (after scripts/setup.sh):
 #   1. the scenario suite in engine mode (the policy engine alone);
-#   2. the scenario suite in lab mode (real agents, nftables, NFQUEUE, network namespaces) when
-#      running as root;
+#   2. the scenario suite in lab mode (real agents, nftables, NFQUEUE, network namespaces) and
+#      in lab mode through a real kube-apiserver, when running as root;
 #   3. pytest: unit, kernel (root) and integration (real kube-apiserver + etcd) tests.
 # Kernel and integration tests skip with a reason when they cannot run, except with CI=true,
 # where they fail instead.
@@ -15,6 +15,8 @@ echo "== scenarios, engine mode"
 if [ "$(id -u)" = 0 ]; then
   echo "== scenarios, lab mode (real kernel)"
   "$knp" lab run tests/scenarios || status=1
+  echo "== scenarios, lab mode through a real API server"
+  "$knp" lab run --apiserver tests/scenarios || status=1
 elif [ "${CI:-}" = true ]; then
   echo "lab mode needs root, and CI must run it" >&2
   status=1
