@@ -389,3 +389,55 @@ def test_crash_restart_under_load_fail_closed(controlplane: ControlPlane) -> Non
                         a.stop()
     finally:
         delete_namespace(cp, ns)
+
+
+def test_objects_deleted_while_the_agent_is_down(controlplane: ControlPlane) -> None:
+    """A policy deleted and a pod relabelled while no agent runs: the next agent enforces the
+    cluster as it is now, not as its predecessor last saw it."""
+    need_root()
+    cp = controlplane
+    ns = unique("knp-down")
+    make_namespace(cp, ns)
+    client_ip, server_ip = "10.253.0.2", "10.253.0.3"
+    try:
+        with lab(cp, [(f"{ns}/client", "", [client_ip], False), (f"{ns}/server", "", [server_ip], False)]) as (topo, node, _proxy, workdir):
+            base = f"/api/v1/namespaces/{ns}/pods"
+            for name, ip, app in (("client", client_ip, "client"), ("server", server_ip, "server")):
+                ok(cp, "POST", base, pod(name, node, app=app))
+                ok(cp, "PATCH", f"{base}/{name}/status", pod_status(ip), content_type="application/merge-patch+json")
+            policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
+            deny = {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "deny-server"},
+                "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]},
+            }
+            ok(cp, "POST", policies, deny)
+            with Prober(topo, timeout=0.3) as prober:
+                prober.serve(topo.netns_of(f"{ns}/server"), [("TCP", 8080)])
+                request = (topo.netns_of(f"{ns}/client"), client_ip, server_ip, "TCP", 8080)
+                agent = start_agent(topo, node, cp, workdir / "agent-1.log", [])
+                try:
+                    wait_for(agent, lambda s: s.get("ready") and server_ip in s["diverted_ipv4"], 40, "the server pod diverted")
+                    assert prober.probe([request]) == [False]
+                finally:
+                    agent.stop()  # fail-closed SIGTERM: rules removed, nothing judged while down
+                # While no agent runs: the deny policy goes, and the client is relabelled into a
+                # second policy's reach that only exists now.
+                ok(cp, "DELETE", f"{policies}/deny-server")
+                only_trusted = dict(deny, metadata={"name": "only-trusted"}, spec={"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"trusted": "yes"}}}]}]})
+                ok(cp, "POST", policies, only_trusted)
+                ok(cp, "PATCH", f"{base}/client", {"metadata": {"labels": {"app": "client", "trusted": "yes"}}}, content_type="application/merge-patch+json")
+                agent = start_agent(topo, node, cp, workdir / "agent-2.log", [])
+                try:
+                    wait_for(agent, lambda s: s.get("ready") and server_ip in s["diverted_ipv4"], 40, "the new agent ready")
+                    assert prober.probe([request]) == [True]  # allowed: deny-server is gone, only-trusted admits it
+                    ok(cp, "PATCH", f"{base}/client", {"metadata": {"labels": {"trusted": None}}}, content_type="application/merge-patch+json")
+                    deadline = time.monotonic() + 10
+                    while prober.probe([request])[0] and time.monotonic() < deadline:
+                        pass
+                    assert prober.probe([request]) == [False]  # and it keeps following changes
+                finally:
+                    agent.stop()
+    finally:
+        delete_namespace(cp, ns)
