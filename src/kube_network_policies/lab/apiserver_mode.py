@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -31,7 +29,7 @@ from kube_network_policies.lab.netns_mode import FEATURE_FLAGS, Agent, LabError,
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.runner import ScenarioCluster, StepChanges
 from kube_network_policies.lab.scenario import Scenario
-from kube_network_policies.lab.topology import Topology, TopologyError
+from kube_network_policies.lab.topology import Topology
 
 REPO = Path(__file__).resolve().parents[3]
 FIELD_MANAGER = "knp-lab"
@@ -220,22 +218,9 @@ class ApiLabSession(LabSession):
 
     def _wait_written(self, what: str) -> float:
         """Until every agent is ready and applied, per resource, the lab's last write."""
-        started = time.monotonic()
         expected = self.api.counts(self.api.deleted)
         self.api.deleted = set()
-        pending = list(self.agents)
-        while pending:
-            for agent in list(pending):
-                if agent.process.poll() is not None:
-                    raise LabError(f"the agent on {agent.node} exited with status {agent.process.returncode} during {what}:\n{agent.log_tail()}")
-                st = agent.status()
-                if st is not None and st.get("ready") and self._caught_up(st, expected):
-                    pending.remove(agent)
-            if pending:
-                if time.monotonic() - started > SYNC_TIMEOUT_S:
-                    raise LabError(f"agents on {', '.join(a.node for a in pending)} did not {what} within {SYNC_TIMEOUT_S:.0f} s:\n{pending[0].log_tail()}")
-                time.sleep(0.01)
-        return time.monotonic() - started
+        return self._wait_agents(lambda st: self._caught_up(st, expected), SYNC_TIMEOUT_S, what)
 
     def _caught_up(self, status: dict[str, Any], expected: dict[str, int]) -> bool:
         """Every write applied (resourceVersions compared as numbers: etcd revisions, which is
@@ -263,17 +248,13 @@ class ApiLabSession(LabSession):
         self.apply_seconds.append(time.monotonic() - started)
 
     def close(self) -> None:
+        # Agents first (they hold connections through the relay), then the relay, then the lab.
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 agent.stop()
         if self.proxy is not None:
             self.proxy.close()
-        if self.topology is not None:
-            try:
-                self.topology.close()
-            except TopologyError as exc:
-                print(f"warning: {exc}", file=sys.stderr)
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        super().close()
 
 
 def controlplane_bin_dir() -> Path:

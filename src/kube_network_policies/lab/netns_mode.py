@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -172,6 +173,10 @@ class LabSession:
         return manifest_digest([str(self._manifests)])
 
     def _wait_for(self, digest: str, timeout: float, what: str) -> float:
+        return self._wait_agents(lambda st: st.get("digest") == digest, timeout, what)
+
+    def _wait_agents(self, done: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> float:
+        """Poll every agent's /statusz until it is ready and `done`; the time it took."""
         started = time.monotonic()
         pending = list(self.agents)
         while pending:
@@ -179,7 +184,7 @@ class LabSession:
                 if agent.process.poll() is not None:
                     raise LabError(f"the agent on {agent.node} exited with status {agent.process.returncode} during {what}:\n{agent.log_tail()}")
                 st = agent.status()
-                if st is not None and st.get("ready") and st.get("digest") == digest:
+                if st is not None and st.get("ready") and done(st):
                     pending.remove(agent)
             if pending:
                 if time.monotonic() - started > timeout:
