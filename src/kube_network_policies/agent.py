@@ -114,6 +114,9 @@ class Agent:
         self.objects: dict[Key, ApiObject] = {}
         self.generation = 0
         self.applied: dict[str, str] = {}  # marks of the last applied batches: digest, resourceVersions
+        # Objects per kind once enforced everywhere (workers, accept cache flushed, ruleset): set
+        # with the marks, so /statusz never reports a change before it is enforced.
+        self.applied_counts: dict[str, int] = {}
         self.ready = False
         self.metrics = Metrics()
         self._workers: list[_Worker] = []
@@ -164,6 +167,7 @@ class Agent:
         self._sync_ruleset(force=True)
         with self._lock:
             self.applied.update(batch.marks)
+            self.applied_counts = self._applied_counts()
         # The objects of the initial state live as long as the agent: keep the collector from
         # scanning them again and again.
         gc.collect()
@@ -248,6 +252,7 @@ class Agent:
             self._sync_ruleset()
         with self._lock:
             self.applied.update(batch.marks)
+            self.applied_counts = self._applied_counts()
         if ops or "digest" in batch.marks:
             log.log(
                 logging.INFO if "digest" in batch.marks else logging.DEBUG,
@@ -324,7 +329,7 @@ class Agent:
                 "diverted_ipv4": sorted(self._managed[0]),
                 "diverted_ipv6": sorted(self._managed[1]),
                 "objects": len(self.objects),
-                "appliedObjects": self._applied_counts(),
+                "appliedObjects": dict(self.applied_counts),
             }
             applied = dict(self.applied)
         sources = self.source.status() if self.source is not None else {}
