@@ -90,9 +90,14 @@ def lab_up(path: str) -> int:
     if pid == 0:  # the holder: detach from the terminal's session, then serve
         os.close(r)
         os.setsid()
+        # Let go of the caller's terminal and pipes (a caller waiting for our output to end
+        # must not wait for the lab's lifetime); what the holder prints goes to a log file.
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        log = os.open(STATE_DIR / "lab.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
         try:
             _serve(path, w)
         finally:
