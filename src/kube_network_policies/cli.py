@@ -152,64 +152,54 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from kube_network_policies.lab.runner import run_paths
 
+    if args.lab_command == "run" and args.engine_only:
+        from kube_network_policies.lab.engine_mode import EngineMode
+
+        return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
+    # Everything else builds network namespaces and runs real agents.
+    from kube_network_policies.lab.netns_mode import LabError, check_lab_prerequisites
+    from kube_network_policies.lab.topology import exit_on_sigterm
+
+    problem = check_lab_prerequisites()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C: namespaces and agents are removed
     if args.lab_command == "latency":
         from kube_network_policies.lab.bench_latency import run_latency
-        from kube_network_policies.lab.netns_mode import check_lab_prerequisites
 
-        problem = check_lab_prerequisites()
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
         return run_latency(changes=args.changes, reselect=args.reselect, as_json=args.json)
-    if args.lab_command in ("up", "down"):
-        from kube_network_policies.lab.netns_mode import check_lab_prerequisites
-        from kube_network_policies.lab.up import lab_down, lab_up
+    if args.lab_command == "down":
+        from kube_network_policies.lab.up import lab_down
 
-        problem = check_lab_prerequisites()
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.lab_command == "down":
-            return lab_down()
+        return lab_down()
+    if args.lab_command == "up":
         from pathlib import Path
+
+        from kube_network_policies.lab.up import lab_up
 
         default = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
         return lab_up(args.path or str(default))
-    if args.lab_command == "run":
-        if args.engine_only:
-            from kube_network_policies.lab.engine_mode import EngineMode
-
-            return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
-        from kube_network_policies.lab.netns_mode import LabMode, check_lab_prerequisites
-        from kube_network_policies.lab.topology import exit_on_sigterm
-
-        problem = check_lab_prerequisites()
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-        exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C: namespaces and agents are removed
-        if not args.apiserver:
-            return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
-        from kube_network_policies.lab.apiserver_mode import ApiLabMode
-        from kube_network_policies.lab.netns_mode import LabError
-
-        try:
-            mode = ApiLabMode(timeout=args.timeout)
-        except LabError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        try:
-            return run_paths(args.paths, mode, verbose=args.verbose, tables=args.tables)
-        finally:
-            mode.close()
     if args.lab_command == "bench":
         from kube_network_policies.lab.bench_lab import run_lab_bench
-        from kube_network_policies.lab.topology import exit_on_sigterm
 
-        exit_on_sigterm()
         return run_lab_bench(seconds=args.seconds, rounds=args.rounds, as_json=args.json, warmup=args.warmup,
                              pods=args.pods, policies=args.policies, concurrency=args.concurrency, accept_cache=args.accept_cache)
-    return EXIT_USAGE
+    if not args.apiserver:
+        from kube_network_policies.lab.netns_mode import LabMode
+
+        return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
+    from kube_network_policies.lab.apiserver_mode import ApiLabMode
+
+    try:
+        mode = ApiLabMode(timeout=args.timeout)
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_paths(args.paths, mode, verbose=args.verbose, tables=args.tables)
+    finally:
+        mode.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
