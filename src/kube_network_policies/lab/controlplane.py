@@ -188,6 +188,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; returns once the process is gone."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _log_tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -421,13 +433,7 @@ class ControlPlane:
             proc = self._procs.pop(name, None)
             if proc is None:
                 continue
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _terminate(proc, timeout)
         remove = self._remove_workdir if remove_workdir is None else remove_workdir
         if remove:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -437,14 +443,8 @@ class ControlPlane:
         """Stop kube-apiserver alone (SIGTERM, then SIGKILL after ``timeout`` seconds); etcd and
         its data stay. Clients see their connections closed, then refused."""
         proc = self._procs.pop("kube-apiserver", None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            _terminate(proc, timeout)
 
     def start_apiserver(self, timeout: float = 120.0) -> None:
         """Start kube-apiserver again after :meth:`stop_apiserver`: the same flags, port,

@@ -160,7 +160,21 @@ class BearerAuth(httpx.Auth):
         yield request
 
 
-class TokenFileAuth(httpx.Auth):
+class _RefreshingTokenAuth(httpx.Auth):
+    """A bearer token read from somewhere that can change: after a 401, read it again once."""
+
+    def _token_now(self, force: bool = False) -> str:
+        raise NotImplementedError
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token_now()}"
+        response = yield request
+        if response.status_code == 401:
+            request.headers["Authorization"] = f"Bearer {self._token_now(force=True)}"
+            yield request
+
+
+class TokenFileAuth(_RefreshingTokenAuth):
     """A bearer token read from a file, re-read every minute and after a 401 (bound service
     account tokens are rotated by the kubelet)."""
 
@@ -186,15 +200,9 @@ class TokenFileAuth(httpx.Auth):
                 self._token, self._read_at = token, time.monotonic()
             return self._token
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._token_now()}"
-        response = yield request
-        if response.status_code == 401:
-            request.headers["Authorization"] = f"Bearer {self._token_now(force=True)}"
-            yield request
 
 
-class ExecAuth(httpx.Auth):
+class ExecAuth(_RefreshingTokenAuth):
     """A client-go credential plugin (kubeconfig `user.exec`): runs the command, uses the token
     it prints until its expirationTimestamp, and runs it again after a 401."""
 
@@ -256,12 +264,6 @@ class ExecAuth(httpx.Auth):
                 log.warning("%s: ignoring the unreadable expirationTimestamp %r", self.where, stamp)
         return str(token), expires
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._token_now()}"
-        response = yield request
-        if response.status_code == 401:
-            request.headers["Authorization"] = f"Bearer {self._token_now(force=True)}"
-            yield request
 
 
 def _b64(value: object, what: str) -> bytes:
