@@ -84,6 +84,16 @@ def pod_status(ip: str) -> dict[str, Any]:
     return {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 
 
+def create_client_and_server(cp: ControlPlane, ns: str, node: str, client_ip: str, server_ip: str) -> str:
+    """Pods x/client (app=client) and x/server (app=server) on `node`, with their IPs written
+    through the status subresource; returns the pods' API path."""
+    base = f"/api/v1/namespaces/{ns}/pods"
+    for name, ip, app in (("client", client_ip, "client"), ("server", server_ip, "server")):
+        ok(cp, "POST", base, pod(name, node, app=app))
+        ok(cp, "PATCH", f"{base}/{name}/status", pod_status(ip), content_type="application/merge-patch+json")
+    return base
+
+
 def network_policy(name: str, match: dict[str, str], allow_all: bool = False) -> dict[str, Any]:
     ingress = [{}] if allow_all else [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]
     return {
@@ -275,10 +285,7 @@ def test_restart_under_load_fail_open(controlplane: ControlPlane, sig: signal.Si
     client_ip, server_ip = "10.251.0.2", "10.251.0.3"
     try:
         with lab(cp, [(f"{ns}/client", "", [client_ip], False), (f"{ns}/server", "", [server_ip], False)]) as (topo, node, _proxy, workdir):
-            base = f"/api/v1/namespaces/{ns}/pods"
-            for name, ip, app in (("client", client_ip, "client"), ("server", server_ip, "server")):
-                ok(cp, "POST", base, pod(name, node, app=app))
-                ok(cp, "PATCH", f"{base}/{name}/status", pod_status(ip), content_type="application/merge-patch+json")
+            create_client_and_server(cp, ns, node, client_ip, server_ip)
             ok(cp, "POST", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies", network_policy("allow-all", {"app": "server"}, allow_all=True))
             with Prober(topo, timeout=2.0) as prober:
                 server_netns = topo.netns_of(f"{ns}/server")
@@ -344,10 +351,7 @@ def test_crash_restart_under_load_fail_closed(controlplane: ControlPlane) -> Non
     flags = ["-accept-cache=false"]
     try:
         with lab(cp, [(f"{ns}/client", "", [client_ip], False), (f"{ns}/server", "", [server_ip], False)]) as (topo, node, _proxy, workdir):
-            base = f"/api/v1/namespaces/{ns}/pods"
-            for name, ip, app in (("client", client_ip, "client"), ("server", server_ip, "server")):
-                ok(cp, "POST", base, pod(name, node, app=app))
-                ok(cp, "PATCH", f"{base}/{name}/status", pod_status(ip), content_type="application/merge-patch+json")
+            create_client_and_server(cp, ns, node, client_ip, server_ip)
             # The server accepts only from pods labelled app=nobody: the client is denied.
             only_nobody = {
                 "apiVersion": "networking.k8s.io/v1",
@@ -401,10 +405,7 @@ def test_objects_deleted_while_the_agent_is_down(controlplane: ControlPlane) -> 
     client_ip, server_ip = "10.253.0.2", "10.253.0.3"
     try:
         with lab(cp, [(f"{ns}/client", "", [client_ip], False), (f"{ns}/server", "", [server_ip], False)]) as (topo, node, _proxy, workdir):
-            base = f"/api/v1/namespaces/{ns}/pods"
-            for name, ip, app in (("client", client_ip, "client"), ("server", server_ip, "server")):
-                ok(cp, "POST", base, pod(name, node, app=app))
-                ok(cp, "PATCH", f"{base}/{name}/status", pod_status(ip), content_type="application/merge-patch+json")
+            base = create_client_and_server(cp, ns, node, client_ip, server_ip)
             policies = f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"
             deny = {
                 "apiVersion": "networking.k8s.io/v1",
