@@ -16,27 +16,34 @@ Order of start-up, so that no packet is judged on partial state:
   it -> install the ruleset (packets are diverted only now) -> report ready.
 Until then the workers are not ready (they would answer the default verdict) and no packet is
 diverted to them at all.
+
+Once running, nothing turns enforcement off silently (README "Hardening"):
+- a change that cannot be read or applied keeps the previous state in force; it is logged, counted
+  (control_errors_total) and, where it leaves enforcement stale, makes /readyz fail;
+- the ruleset is kept in the kernel: nf_tables notifications (dataplane/monitor.py) tell within
+  milliseconds when someone else flushed or edited it, a periodic check covers the rest, and a
+  difference is restored in one transaction (ruleset_restores_total); while the kernel does not
+  hold what the agent installed, /readyz fails;
+- on SIGTERM a fail-closed agent keeps its rules unless it is being uninstalled (shutdown()).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import multiprocessing
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from kube_network_policies.dataplane.nftables import (
-    Backend,
-    DataplaneError,
-    Ruleset,
-    RulesetConfig,
-    detect_backend,
-)
+from kube_network_policies.dataplane.monitor import MonitorError, NftMonitor
+from kube_network_policies.dataplane.nftables import Backend, RulesetConfig, canonical_addresses
+from kube_network_policies.dataplane.ruleset import DataplaneError, Ruleset, detect_backend, recent_pids
 from kube_network_policies.dataplane.worker import WorkerConfig, worker_main
 from kube_network_policies.engine import ClusterState, Features
 from kube_network_policies.metrics import Metrics, MetricsServer
@@ -51,6 +58,12 @@ BATCH_WINDOW_S = 0.005  # after the first change arrives, wait this long for mor
 SYNC_LOG_INTERVAL_S = 15.0
 WORKER_START_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 30.0
+CHECK_DEBOUNCE_S = 0.02  # after a foreign nf_tables change: let a multi-command edit settle first
+CHECK_INTERVAL_S = 5.0  # the periodic check (the backstop of the events)
+RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # a failed sync, check or restore is retried after these
+STALL_READY_S = 15.0  # a control loop stuck this long: not ready (changes are not being applied)
+STALL_LIVE_S = 60.0  # ... this long: not alive either, so that the kubelet restarts the agent
+RULESET_ON_EXIT = ("auto", "keep", "remove")
 
 Key = tuple[str, str, str]
 Op = tuple[Any, ...]
@@ -72,6 +85,10 @@ class AgentConfig:
     backend: Backend | None = None  # None: probe the kernel
     kubeconfig: str | None = None  # Kubernetes mode: None means in-cluster configuration
     accept_cache: bool = True  # remember accepted tuples in the kernel (dataplane/nftables.py)
+    # On a graceful exit: "keep" the ruleset, "remove" it, or "auto" (see Agent.exit_decision).
+    ruleset_on_exit: str = "auto"
+    pod_namespace: str | None = None  # the agent's own pod, to find its DaemonSet on exit
+    pod_name: str | None = None
 
 
 def make_source(config: AgentConfig) -> Source:
@@ -108,6 +125,8 @@ def diff(old: dict[Key, ApiObject], new: dict[Key, ApiObject]) -> list[Op]:
 
 class Agent:
     def __init__(self, config: AgentConfig, source: Source | None = None) -> None:
+        if config.ruleset_on_exit not in RULESET_ON_EXIT:
+            raise ValueError(f"ruleset_on_exit must be one of {', '.join(RULESET_ON_EXIT)}, not {config.ruleset_on_exit!r}")
         self.config = config
         self.source = source  # None: made from the config by start()
         self.state = ClusterState(config.features)
@@ -117,14 +136,24 @@ class Agent:
         # Objects per kind once enforced everywhere (workers, accept cache flushed, ruleset): set
         # with the marks, so /statusz never reports a change before it is enforced.
         self.applied_counts: dict[str, int] = {}
-        self.ready = False
+        self.ready = False  # start() completed: every source synced, the ruleset installed once
         self.metrics = Metrics()
         self._workers: list[_Worker] = []
         self._ruleset: Ruleset | None = None
+        self._monitor: NftMonitor | None = None
         self._managed: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         self._stop = threading.Event()
         self._server: MetricsServer | None = None
         self._lock = threading.Lock()  # guards what /statusz reads
+        # Why enforcement is not what the agent believes, by topic ("sync", "ruleset", "apply",
+        # "addresses", "workers"); empty when it is. Any entry makes /readyz fail.
+        self.problems: dict[str, str] = {}
+        self._sync_retry_at = math.inf  # a failed ruleset sync is retried then
+        self._check_at = math.inf  # a check of the kernel's ruleset is due then (events)
+        self._backstop_at = math.inf  # ... and then at the latest (periodic)
+        self._failures = 0  # consecutive failed syncs/checks/restores: picks the retry delay
+        self._heartbeat = time.monotonic()  # the control loop's last turn
+        self._api_config: Any = None  # Kubernetes mode: the API, asked on exit
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -132,12 +161,13 @@ class Agent:
         """Everything up to ready; raises AgentError with a clear message."""
         cfg = self.config
         try:
-            self._server = MetricsServer(cfg.metrics_bind_address, self.metrics, ready=lambda: self.ready, status=self.status)
+            self._server = MetricsServer(cfg.metrics_bind_address, self.metrics, ready=self.is_ready, status=self.status)
         except (ValueError, OSError) as exc:
             raise AgentError(f"-metrics-bind-address {cfg.metrics_bind_address}: {exc}") from None
         try:
             if self.source is None:
                 self.source = make_source(cfg)
+                self._api_config = getattr(self.source, "config", None)
             self.source.open()
         except SourceError as exc:
             raise AgentError(str(exc)) from None
@@ -151,6 +181,10 @@ class Agent:
             raise AgentError(str(exc)) from None
         self._ruleset = Ruleset(ruleset_config)
         self._start_workers()  # fork now: no thread of ours exists yet
+        try:
+            self._monitor = NftMonitor(watch_xt=backend is Backend.XT_NFQUEUE, own=recent_pids)
+        except MonitorError as exc:
+            log.warning("no nf_tables notifications (%s): the ruleset is checked every %.0f s only", exc, CHECK_INTERVAL_S)
         self._server.start()  # /healthz answers from here on; /readyz only once ready
         self.source.start()
         started = time.monotonic()
@@ -163,8 +197,9 @@ class Agent:
         self.generation = 1
         self._send_all(("batch", self.generation, ops))
         self._send_all(("ready",))
-        self._wait_applied(self.generation)
-        self._sync_ruleset(force=True)
+        if not self._wait_applied(self.generation):
+            raise AgentError(f"workers did not apply the initial state within {APPLY_TIMEOUT_S:.0f} s")
+        self._sync_ruleset(first=True)
         with self._lock:
             self.applied.update(batch.marks)
             self.applied_counts = self._applied_counts()
@@ -172,12 +207,22 @@ class Agent:
         # scanning them again and again.
         gc.collect()
         gc.freeze()
+        self._backstop_at = time.monotonic() + CHECK_INTERVAL_S
+        self.metrics.control.in_sync = True
         self.ready = True
         log.info(
             "ready: node %s, %d objects, synced in %.2f s, %d local pod IPs diverted, queue %d-%d (%s)",
             cfg.node, len(self.objects), time.monotonic() - started, sum(len(s) for s in self._managed),
             cfg.queue_id, cfg.queue_id + cfg.queue_count - 1, backend.value,
         )
+
+    def is_ready(self) -> bool:
+        """/readyz: started, the kernel holds what the agent believes, changes are being applied."""
+        return self.ready and not self.problems and time.monotonic() - self._heartbeat < STALL_READY_S
+
+    def is_alive(self) -> bool:
+        """/healthz: the control loop turns (a wedged agent gets restarted by the kubelet)."""
+        return time.monotonic() - self._heartbeat < STALL_LIVE_S
 
     def _wait_synced(self) -> bool:
         """Until every source has synced (True) or stop() (False); serves the workers meanwhile."""
@@ -194,23 +239,43 @@ class Agent:
         return False
 
     def run(self) -> None:
-        """Apply the source's changes and serve the workers until stop()."""
+        """Apply the source's changes, keep the ruleset in the kernel and serve the workers until
+        stop(). Nothing that goes wrong in here ends the agent: the previous state stays in force."""
         assert self.source is not None
         while not self._stop.is_set():
-            if self._pump(POLL_INTERVAL_S, with_source=True):
+            due = min(self._check_at, self._sync_retry_at) - time.monotonic()
+            if self._pump(max(0.0, min(POLL_INTERVAL_S, due)), with_source=True):
                 self._stop.wait(BATCH_WINDOW_S)  # the first change of a burst: let the rest arrive
             if self._stop.is_set():
                 break
+            self._step()
+
+    def _step(self) -> None:
+        """One turn of the control loop after waiting: changes, workers, the ruleset."""
+        assert self.source is not None
+        try:
             batch = self.source.take()
-            if batch is not None:
+        except Exception as exc:  # a source bug must not end enforcement
+            log.error("reading changes failed, the previous state stays in force: %s: %.300s", type(exc).__name__, exc)
+            log.debug("reading changes failed", exc_info=True)
+            self.metrics.control.error("source")
+            batch = None
+        if batch is not None:
+            try:
                 self.apply(batch)
-            self._check_workers()
+            except Exception as exc:  # an engine bug must not end enforcement either
+                log.error("applying a change failed: %s: %.300s", type(exc).__name__, exc)
+                log.debug("applying a change failed", exc_info=True)
+                self.metrics.control.error("apply")
+                self.problems["apply"] = f"a change could not be applied ({type(exc).__name__}); see the log"
+        self._check_workers()
+        self._maintain_ruleset()
 
     def stop(self) -> None:
         self._stop.set()
 
     def shutdown(self) -> None:
-        """Stop the source and the workers; keep (fail-open) or remove (fail-closed) the ruleset."""
+        """Stop the source and the workers; keep or remove the ruleset (exit_decision)."""
         self.ready = False
         if self.source is not None:
             self.source.stop()
@@ -224,13 +289,41 @@ class Agent:
             if w.process.is_alive():
                 w.process.terminate()
                 w.process.join(1.0)
+        if self._monitor is not None:
+            self._monitor.close()
         if self._ruleset is not None:
+            keep, why = self.exit_decision()
+            log.info("%s the ruleset on exit: %s", "keeping" if keep else "removing", why)
             try:
-                self._ruleset.shutdown()
+                self._ruleset.shutdown(keep=keep)
             except DataplaneError as exc:
                 log.error("removing the ruleset failed: %s", exc)
         if self._server is not None:
             self._server.close()
+
+    def exit_decision(self) -> tuple[bool, str]:
+        """Keep the ruleset on a graceful exit (True) or remove it, and why.
+
+        fail-open keeps it: its queue rules bypass while no agent listens. A fail-closed agent
+        keeps it across restarts (connections of selected pods then wait for the next agent
+        instead of passing unjudged) and removes it when uninstalled (a ruleset with no agent
+        would blackhole those pods for good): in Kubernetes mode the API says which
+        (sources/daemonset.py); in standalone mode nothing can tell, and it is removed.
+        --ruleset-on-exit=keep|remove overrides all of this.
+        """
+        cfg = self.config
+        if cfg.ruleset_on_exit != "auto":
+            return cfg.ruleset_on_exit == "keep", f"--ruleset-on-exit={cfg.ruleset_on_exit}"
+        if cfg.fail_open:
+            return True, "fail-open: the queue rules let packets through while no agent listens"
+        if cfg.manifests:
+            return False, "standalone mode, fail-closed: nothing will restart the agent for sure (--ruleset-on-exit=keep keeps it)"
+        if self._api_config is None:
+            return True, "fail-closed, and no API to ask whether this is an uninstall"
+        from kube_network_policies.sources.daemonset import exit_decision
+
+        decision = exit_decision(self._api_config, cfg.pod_namespace, cfg.pod_name, cfg.node)
+        return decision.keep, decision.reason
 
     # ---- changes -------------------------------------------------------------------------------
 
@@ -249,7 +342,9 @@ class Agent:
                 self._ruleset.flush_cache()
             except DataplaneError as exc:
                 log.error("flushing the accept cache failed (its entries expire within their timeout): %s", exc)
+                self.metrics.control.error("cache_flush")
             self._sync_ruleset()
+        self.problems.pop("apply", None)
         with self._lock:
             self.applied.update(batch.marks)
             self.applied_counts = self._applied_counts()
@@ -292,21 +387,105 @@ class Agent:
         else:
             self.state.delete(op[1], op[2], op[3])
 
-    def _sync_ruleset(self, force: bool = False) -> None:
-        ips = self.state.managed_ips(self.config.node)
-        v4 = frozenset(ip for ip in ips if ":" not in ip)
-        v6 = frozenset(ip for ip in ips if ":" in ip)
-        if not force and (v4, v6) == self._managed:
+    # ---- the ruleset ---------------------------------------------------------------------------
+
+    def _managed_now(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The local pod IPs to divert, split by family; addresses nft cannot hold (the model
+        rejects them; this is the last line) are left out and reported, so that one bad address
+        cannot block every later sync."""
+        v4: set[str] = set()
+        v6: set[str] = set()
+        bad = 0
+        for ip in self.state.managed_ips(self.config.node):
+            six = ":" in ip
+            try:
+                canonical_addresses([ip], socket.AF_INET6 if six else socket.AF_INET, "IPv6" if six else "IPv4")
+            except ValueError as exc:
+                bad += 1
+                if "addresses" not in self.problems:
+                    log.error("a local pod IP cannot be diverted and its pod is not enforced: %s", exc)
+                continue
+            (v6 if six else v4).add(ip)
+        if bad:
+            self.problems["addresses"] = f"{bad} local pod IP(s) cannot be put in nftables sets: their pods are not enforced (see the log)"
+        else:
+            self.problems.pop("addresses", None)
+        return frozenset(v4), frozenset(v6)
+
+    def _sync_ruleset(self, first: bool = False, retry: bool = False) -> None:
+        """Bring the kernel's pod-IP sets in step with the engine. The first sync must succeed
+        (AgentError); a later failure keeps the previous sets, makes /readyz fail and is retried."""
+        v4, v6 = self._managed_now()
+        if not (first or retry) and (v4, v6) == self._managed and "sync" not in self.problems:
             return
         assert self._ruleset is not None
         try:
             self._ruleset.sync(sorted(v4), sorted(v6))
         except (DataplaneError, ValueError) as exc:
-            if force:
+            if first:
                 raise AgentError(f"installing the nftables ruleset failed: {exc}") from None
-            log.error("nftables sync failed, will retry on the next change: %s", exc)
+            self._ruleset_failed("sync", "ruleset_sync", f"updating the ruleset failed, the previous one stays in force: {exc}")
             return
         self._managed = (v4, v6)
+        if self.problems.pop("sync", None) is not None:
+            log.info("ruleset updated again")
+        self._sync_retry_at = math.inf
+        self._ruleset_ok()
+
+    def _ruleset_failed(self, topic: str, operation: str, message: str) -> None:
+        delay = RETRY_S[min(self._failures, len(RETRY_S) - 1)]
+        self._failures += 1
+        log.error("%s (retrying in %.1f s)", message, delay)
+        self.metrics.control.error(operation)
+        self.metrics.control.in_sync = False
+        self.problems[topic] = message.split(":", 1)[0]
+        if topic == "sync":
+            self._sync_retry_at = time.monotonic() + delay
+        else:
+            self._check_at = min(self._check_at, time.monotonic() + delay)
+
+    def _ruleset_ok(self) -> None:
+        if "sync" not in self.problems and "ruleset" not in self.problems:
+            self._failures = 0
+            self.metrics.control.in_sync = True
+
+    def _maintain_ruleset(self) -> None:
+        """Retry a failed sync; check the kernel when an event or the period says so."""
+        if self._ruleset is None or not self.ready:
+            return
+        now = time.monotonic()
+        if now >= self._sync_retry_at:
+            self._sync_ruleset(retry=True)
+        if now >= self._check_at or now >= self._backstop_at:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Compare the kernel's ruleset with what was installed; restore it if it differs."""
+        assert self._ruleset is not None
+        started = time.monotonic()
+        self._check_at = math.inf
+        self._backstop_at = started + CHECK_INTERVAL_S
+        try:
+            problems = self._ruleset.check()
+        except DataplaneError as exc:
+            self._ruleset_failed("ruleset", "ruleset_check", f"checking the ruleset failed: {exc}")
+            return
+        if not problems:
+            if self.problems.pop("ruleset", None) is not None:
+                log.info("the ruleset is in place again")
+            self._ruleset_ok()
+            return
+        log.warning("the ruleset was changed by someone else (%s): installing it again", "; ".join(problems))
+        try:
+            self._ruleset.restore()
+        except DataplaneError as exc:
+            self._ruleset_failed("ruleset", "ruleset_restore", f"restoring the ruleset failed: {exc}")
+            return
+        self.metrics.control.restored()
+        self.problems.pop("ruleset", None)
+        self._ruleset_ok()
+        log.info("ruleset restored in %.0f ms", (time.monotonic() - started) * 1000)
+        self._check_at = time.monotonic() + 1.0  # and make sure it stays
 
     def _applied_counts(self) -> dict[str, int]:
         """Objects of each kind in the applied state: a barrier for tools that delete objects
@@ -321,7 +500,7 @@ class Agent:
         sync state, the resourceVersion seen and the one applied (in every worker)."""
         with self._lock:
             out: dict[str, object] = {
-                "ready": self.ready,
+                "ready": self.is_ready(),
                 "node": self.config.node,
                 "mode": "standalone" if self.config.manifests else "kubernetes",
                 "generation": self.generation,
@@ -330,6 +509,8 @@ class Agent:
                 "diverted_ipv6": sorted(self._managed[1]),
                 "objects": len(self.objects),
                 "appliedObjects": dict(self.applied_counts),
+                "problems": dict(self.problems),
+                "rulesetRestores": self.metrics.control.restores,
             }
             applied = dict(self.applied)
         sources = self.source.status() if self.source is not None else {}
@@ -375,27 +556,44 @@ class Agent:
             except OSError as exc:
                 log.error("worker for queue %d is gone: %s", w.queue_num, exc)
 
-    def _wait_applied(self, generation: int) -> None:
+    def _wait_applied(self, generation: int) -> bool:
+        """Until every live worker acknowledged `generation` (True). A worker that takes longer
+        than APPLY_TIMEOUT_S is wedged: it is killed (and restarted with the full state by
+        _check_workers), and False is returned."""
         deadline = time.monotonic() + APPLY_TIMEOUT_S
         while any(w.applied < generation and w.process.is_alive() for w in self._workers):
             if time.monotonic() > deadline:
-                raise AgentError(f"workers did not apply generation {generation} within {APPLY_TIMEOUT_S:.0f} s")
+                for w in self._workers:
+                    if w.applied < generation and w.process.is_alive():
+                        log.error("worker for queue %d did not apply generation %d within %.0f s: restarting it", w.queue_num, generation, APPLY_TIMEOUT_S)
+                        self.metrics.control.error("worker_timeout")
+                        w.process.kill()
+                        w.process.join(1.0)
+                return False
             self._pump(0.05)
+        return True
 
     def _pump(self, timeout: float, with_source: bool = False) -> bool:
-        """Read what workers sent: acknowledgements and metrics. With `with_source`, also wake
-        up when the source has changes waiting, and say so."""
+        """Read what workers sent (acknowledgements, metrics) and nf_tables notifications. With
+        `with_source`, also wake up when the source has changes waiting, and say so."""
+        self._heartbeat = time.monotonic()
         conns: list[Any] = [w.conn for w in self._workers]
         fd = self.source.fileno() if with_source and self.source is not None else None
         if fd is not None:
             conns.append(fd)
+        monitor = self._monitor.fileno() if self._monitor is not None else None
+        if monitor is not None:
+            conns.append(monitor)
         if not conns:
             self._stop.wait(timeout)
             return False
         source_ready = False
         for ready in wait(conns, timeout):
-            if isinstance(ready, int):  # the source's descriptor
-                source_ready = True
+            if isinstance(ready, int):
+                if ready == monitor:
+                    self._read_monitor()
+                else:  # the source's descriptor
+                    source_ready = True
                 continue
             w = next(x for x in self._workers if x.conn is ready)
             conn = w.conn
@@ -411,6 +609,18 @@ class Agent:
                 pass
         return source_ready
 
+    def _read_monitor(self) -> None:
+        assert self._monitor is not None
+        try:
+            changed = self._monitor.poll()
+        except OSError as exc:
+            log.error("nf_tables notifications failed (%s): the ruleset is checked every %.0f s only", exc, CHECK_INTERVAL_S)
+            self._monitor.close()
+            self._monitor = None
+            return
+        if changed:
+            self._check_at = min(self._check_at, time.monotonic() + CHECK_DEBOUNCE_S)
+
     def _check_workers(self) -> None:
         """A worker that died is replaced and given the whole current state."""
         ctx = multiprocessing.get_context("fork")
@@ -422,10 +632,13 @@ class Agent:
                 nw = self._spawn(ctx, w.queue_num)
             except AgentError as exc:
                 log.error("%s", exc)
+                self.problems["workers"] = f"the worker for queue {w.queue_num} cannot be restarted"
                 continue
             self._workers[i] = nw
             nw.conn.send(("batch", self.generation, diff({}, self.objects)))
             nw.conn.send(("ready",))
+            if all(x.process.is_alive() for x in self._workers):
+                self.problems.pop("workers", None)
 
 
 def _worker_entry(conn: Connection, config: WorkerConfig, inherited: list[Connection]) -> None:

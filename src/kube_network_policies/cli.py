@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     lbench.add_argument("--concurrency", type=int, default=64, help="connections in flight per workload (default 64)")
     lbench.add_argument("--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL", help="run the agent with its accept cache (default true)")
 
+    sub.add_parser("cleanup", help="remove every nftables and iptables rule an agent left on this node (manual uninstall; root)")
+
     bench = sub.add_parser("bench", help="benchmark the policy engine (prints figures)")
     bench.add_argument("--pods", type=int, default=10_000)
     bench.add_argument("--policies", type=int, default=1_000, help="NetworkPolicies")
@@ -114,6 +116,10 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-accept-cache", "--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
                    help="remember accepted (source, destination, protocol, port) tuples in the kernel for 30 s, so repeated connections skip userspace; emptied on every state change (default true)")
     p.add_argument("-metrics-bind-address", "--metrics-bind-address", dest="metrics_bind_address", default=":9080", metavar="ADDR", help="metrics and health endpoints (default :9080)")
+    p.add_argument("-ruleset-on-exit", "--ruleset-on-exit", dest="ruleset_on_exit", choices=["auto", "keep", "remove"], default="auto",
+                   help="on SIGTERM: keep the nftables rules for the next agent, remove them, or auto (default): fail-open keeps; "
+                        "fail-closed keeps unless the API shows the agent's DaemonSet is gone or no longer runs on this node "
+                        "(Kubernetes mode) and removes in standalone mode")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -224,8 +230,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         accept_cache=args.accept_cache,
         metrics_bind_address=args.metrics_bind_address,
         kubeconfig=args.kubeconfig,
+        ruleset_on_exit=args.ruleset_on_exit,
+        pod_namespace=os.environ.get("POD_NAMESPACE") or None,
+        pod_name=os.environ.get("POD_NAME") or None,
     )
     return run_agent(config)
+
+
+def cmd_cleanup(_args: argparse.Namespace) -> int:
+    from kube_network_policies.dataplane.ruleset import DataplaneError, cleanup
+
+    if os.geteuid() != 0:
+        print("error: cleanup needs root (it deletes nftables and iptables rules)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        removed = cleanup()
+    except DataplaneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in removed:
+        print(f"removed {line}")
+    if not removed:
+        print("nothing to remove: no kube-network-policies rules on this node")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -236,7 +263,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"explain": cmd_explain, "lab": cmd_lab, "bench": cmd_bench, "run": cmd_run}
+    handlers = {"explain": cmd_explain, "lab": cmd_lab, "bench": cmd_bench, "run": cmd_run, "cleanup": cmd_cleanup}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -13,6 +13,9 @@ nfqueue_queue_dropped                  gauge      queue                       /p
 nfqueue_user_dropped                   gauge      queue                       /proc, at scrape
 nfqueue_packet_id                      gauge      queue                       /proc, at scrape
 packet_errors_total (ours, not Go's)   counter    reason                      packets not judged
+ruleset_restores_total (ours)          counter    (none)                      ControlCounters
+control_errors_total (ours)            counter    operation                   ControlCounters
+ruleset_in_sync (ours)                 gauge      (none)                      ControlCounters
 =====================================  =========  ==========================  ===================
 
 Label values as the Go agent writes them: protocol ``TCP``/``UDP``/``SCTP`` (``""`` for any
@@ -58,6 +61,7 @@ from kube_network_policies.dataplane.nfqueue import read_queue_stats
 __all__ = [
     "BUCKETS_US",
     "QUANTILES",
+    "ControlCounters",
     "ErrorCounters",
     "Metrics",
     "MetricsServer",
@@ -348,6 +352,54 @@ class ErrorCounters:
         yield metric
 
 
+class ControlCounters:
+    """What the control process itself went through (ours, not the Go agent's):
+
+    - ``ruleset_restores_total``: times the ruleset was found changed by someone else (flushed,
+      deleted, edited) and installed again;
+    - ``control_errors_total{operation}``: failures that left the previous state in force
+      (``ruleset_sync``, ``ruleset_check``, ``ruleset_restore``, ``cache_flush``, ``apply``,
+      ``source``, ``worker_timeout``);
+    - ``ruleset_in_sync``: 1 while the kernel holds the ruleset the agent believes it installed
+      (last sync and check succeeded), else 0; /readyz fails meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.restores = 0
+        self.errors: dict[str, int] = {}
+        self.in_sync = False
+
+    def error(self, operation: str) -> None:
+        with self._lock:
+            self.errors[operation] = self.errors.get(operation, 0) + 1
+
+    def restored(self) -> None:
+        with self._lock:
+            self.restores += 1
+
+    def describe(self) -> list[Metric]:
+        return [
+            Metric(f"{NAMESPACE}_ruleset_restores", "", "counter"),
+            Metric(f"{NAMESPACE}_control_errors", "", "counter"),
+            Metric(f"{NAMESPACE}_ruleset_in_sync", "", "gauge"),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            restores, errors, in_sync = self.restores, sorted(self.errors.items()), self.in_sync
+        m = Metric(f"{NAMESPACE}_ruleset_restores", "Times the ruleset was found changed by someone else and installed again", "counter")
+        m.add_sample(f"{m.name}_total", {}, restores)
+        yield m
+        m = Metric(f"{NAMESPACE}_control_errors", "Failures of the control process that kept the previous state in force, by operation", "counter")
+        for operation, n in errors:
+            m.add_sample(f"{m.name}_total", {"operation": operation}, n)
+        yield m
+        m = Metric(f"{NAMESPACE}_ruleset_in_sync", "1 while the kernel holds the ruleset the agent installed", "gauge")
+        m.add_sample(m.name, {}, 1.0 if in_sync else 0.0)
+        yield m
+
+
 @dataclass(slots=True)
 class Metrics:
     """The agent's metrics: a dedicated registry holding packet, error, queue and process
@@ -356,12 +408,14 @@ class Metrics:
     packets: PacketMetrics = field(default_factory=PacketMetrics)
     queue_reader: QueueReader = read_queue_stats
     errors: ErrorCounters = field(default_factory=ErrorCounters)
+    control: ControlCounters = field(default_factory=ControlCounters)
     registry: CollectorRegistry = field(init=False)
 
     def __post_init__(self) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(self.packets)
         self.registry.register(self.errors)
+        self.registry.register(self.control)
         self.registry.register(QueueCollector(self.queue_reader))
         # process_cpu_seconds_total, process_resident_memory_bytes, ...: same names as Go's.
         ProcessCollector(registry=self.registry)

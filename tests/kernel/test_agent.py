@@ -39,7 +39,8 @@ import pytest
 import yaml
 
 from kube_network_policies.dataplane.nfqueue import read_queue_stats
-from kube_network_policies.dataplane.nftables import CACHE_V4, CACHE_V6, TABLE, Backend, Ruleset, RulesetConfig, detect_backend
+from kube_network_policies.dataplane.nftables import CACHE_V4, CACHE_V6, TABLE, Backend, RulesetConfig
+from kube_network_policies.dataplane.ruleset import Ruleset, detect_backend
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.topology import Topology, entered
 from kube_network_policies.sources.files import manifest_digest
@@ -409,11 +410,14 @@ def test_node_originated_traffic_is_not_judged(lab: Lab, start: Callable[..., Ag
 
 
 def test_fail_closed_sigterm_removes_the_ruleset(lab: Lab, start: Callable[..., AgentProcess]) -> None:
+    """Standalone mode: nothing tells a restart from an uninstall, so by default (auto) a
+    fail-closed agent removes its rules on SIGTERM (Kubernetes mode asks the API instead:
+    tests/integration/test_exit_decision.py)."""
     agent = start()
     assert lab.probe(("a4", "b4", 80), ("a6", "b6", 80)) == [False, False]
     assert lab.nft_table().returncode == 0 and len(lab.our_xt_rules()) == lab.xt_rules
     assert agent.terminate() == 0
-    assert "fail-closed: removing the ruleset" in agent.log
+    assert "removing the ruleset on exit: standalone mode, fail-closed" in agent.log
     assert lab.nft_table().returncode != 0, "the table is still there"
     assert lab.our_xt_rules() == []
     # No agent and no rules: traffic flows unjudged (rather than being blackholed).
@@ -424,7 +428,7 @@ def test_fail_open_shutdown_keeps_rules_and_bypasses(lab: Lab, start: Callable[.
     agent = start("-fail-open")
     assert lab.probe(("a4", "b4", 80), ("a6", "b6", 80)) == [False, False]  # enforced while running
     assert agent.terminate() == 0
-    assert "fail-open: keeping the ruleset" in agent.log
+    assert "keeping the ruleset on exit: fail-open" in agent.log
     table = lab.nft_table()
     assert table.returncode == 0, "fail-open must keep the table"
     rules = lab.our_xt_rules()

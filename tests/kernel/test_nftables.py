@@ -23,15 +23,8 @@ from typing import Any
 import netns  # tests/kernel/netns.py: namespace helpers shared by the kernel tests
 import pytest
 
-from kube_network_policies.dataplane.nftables import (
-    TABLE,
-    Backend,
-    CommandError,
-    Ruleset,
-    RulesetConfig,
-    base_chains,
-    detect_backend,
-)
+from kube_network_policies.dataplane.nftables import TABLE, Backend, RulesetConfig, base_chains
+from kube_network_policies.dataplane.ruleset import CommandError, Ruleset, detect_backend
 
 pytestmark = pytest.mark.kernel
 
@@ -262,7 +255,7 @@ def test_restart_does_not_duplicate_iptables_rules(topo: Topology, backend: Back
         rs = Ruleset(config, netns=topo.node)
         rs.sync(["10.99.1.2"], [])
         rs.sync(["10.99.1.2"], [])
-        rs.shutdown()  # fail-open: kept
+        rs.shutdown(keep=True)  # fail-open: kept
     expected = 4 if backend is Backend.XT_NFQUEUE else 0
     assert len(our_xt_rules(topo)) == expected
     assert read_table(topo)["sets"]["podips-v4"] == {"10.99.1.2"}
@@ -418,7 +411,7 @@ def test_shutdown_fail_open_keeps_rules_and_traffic_flows(topo: Topology, backen
     rs = Ruleset(RulesetConfig(backend=backend, fail_open=True), netns=topo.node)
     rs.sync(["10.99.1.2"], [])
     before = read_table(topo)
-    rs.shutdown()
+    rs.shutdown(keep=True)
     after = read_table(topo)
     assert after["handle"] == before["handle"] and after["sets"]["podips-v4"] == {"10.99.1.2"}
     if backend is Backend.XT_NFQUEUE:
@@ -428,11 +421,11 @@ def test_shutdown_fail_open_keeps_rules_and_traffic_flows(topo: Topology, backen
     assert read_table(topo)["sets"]["podips-v4"] == {"10.99.1.2"}
 
 
-def test_shutdown_fail_closed_removes_rules(topo: Topology, backend: Backend) -> None:
+def test_shutdown_without_keep_removes_rules(topo: Topology, backend: Backend) -> None:
     rs = Ruleset(RulesetConfig(backend=backend), netns=topo.node)
     rs.sync(["10.99.1.2"], [])
     assert not topo.connect(topo.peer, "10.99.1.2")
-    rs.shutdown()
+    rs.shutdown(keep=False)
     assert not table_exists(topo)
     assert our_xt_rules(topo) == []
     assert topo.connect(topo.peer, "10.99.1.2")  # not blackholed while no agent runs

@@ -14,15 +14,12 @@ from kube_network_policies.dataplane.nftables import (
     ACCEPT_CACHE_TIMEOUT_S,
     DEFAULT_MARK,
     Backend,
-    CommandError,
-    CommandResult,
-    Ruleset,
     RulesetConfig,
     base_chains,
-    detect_backend,
     render,
     xt_rules,
 )
+from kube_network_policies.dataplane.ruleset import CommandError, CommandResult, Ruleset, detect_backend
 
 NFT = RulesetConfig(backend=Backend.NFT_QUEUE)
 XT = RulesetConfig(backend=Backend.XT_NFQUEUE)
@@ -324,7 +321,7 @@ class FakeRunner:
         if argv[:3] == ("ip", "netns", "exec"):
             argv = argv[4:]
         if argv[0] == "nft":
-            if argv[1:3] == ("-j", "list"):
+            if argv[1] == "-j":  # list chains / table / set
                 return CommandResult(0, '{"nftables": []}', "")
             return CommandResult(self.nft_rc, "", self.nft_stderr)
         binary, _w, _t, _mangle, op, chain, *spec = argv
@@ -338,7 +335,10 @@ class FakeRunner:
             rules.insert(int(spec[0]) - 1, tuple(spec[1:]))
             return CommandResult(0, "", "")
         if op == "-D":
-            rules.remove(tuple(spec))
+            if len(spec) == 1 and spec[0].isdigit():
+                del rules[int(spec[0]) - 1]
+            else:
+                rules.remove(tuple(spec))
             return CommandResult(0, "", "")
         raise AssertionError(argv)
 
@@ -376,9 +376,9 @@ def test_stale_xt_rule_is_replaced_without_a_gap() -> None:
 
 
 def test_xt_rule_flushed_by_someone_else_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kube_network_policies.dataplane.nftables as nftables
+    import kube_network_policies.dataplane.ruleset as ruleset_module
 
-    monkeypatch.setattr(nftables, "XT_RECHECK_S", 0.0)  # the periodic re-check is due at once
+    monkeypatch.setattr(ruleset_module, "XT_RECHECK_S", 0.0)  # the periodic re-check is due at once
     fake = FakeRunner()
     rs = Ruleset(XT, runner=fake)
     rs.sync([], [])
@@ -404,7 +404,7 @@ def test_shutdown_fail_closed_or_remove_deletes_everything(config: RulesetConfig
     fake.chains[("iptables", "INPUT")] = [("-m", "comment", "--comment", "kube-network-policies", "-j", "NFQUEUE")]
     rs.sync(["10.0.0.1"], [])
     if config.backend is Backend.XT_NFQUEUE:
-        rs.shutdown()
+        rs.shutdown(keep=False)
     else:
         rs.remove()  # an nft-queue shutdown leaves iptables alone; an uninstall sweeps it
     assert fake.nft_scripts()[-1] == "add table inet kube-network-policies\ndelete table inet kube-network-policies\n"
@@ -419,7 +419,7 @@ def test_shutdown_fail_open_keeps_everything() -> None:
     rs = Ruleset(RulesetConfig(backend=Backend.XT_NFQUEUE, fail_open=True), runner=fake)
     rs.sync(["10.0.0.1"], [])
     n = len(fake.calls)
-    rs.shutdown()
+    rs.shutdown(keep=True)
     assert len(fake.calls) == n  # not a single command
     assert all(len(rules) == 1 for rules in fake.chains.values())
 
@@ -478,7 +478,7 @@ def test_flush_cache_is_one_transaction_after_the_first_sync_only(config: Rulese
     assert fake.calls[n:] == [
         (("ip", "netns", "exec", "ns1", "nft", "-f", "-"), f"flush set {T} accepted-v4\nflush set {T} accepted-v6\n")
     ]
-    rs.shutdown()
+    rs.shutdown(keep=False)
     n = len(fake.calls)
     rs.flush_cache()  # after shutdown: nothing
     assert len(fake.calls) == n
@@ -526,7 +526,7 @@ def test_nft_queue_never_runs_iptables_without_an_xt_past() -> None:
     rs = Ruleset(NFT, runner=fake)
     rs.sync(["10.0.0.1"], [])
     rs.sync(["10.0.0.2"], [])
-    rs.shutdown()
+    rs.shutdown(keep=False)
     assert {a[0] for a, _ in fake.calls} == {"nft"}
 
 

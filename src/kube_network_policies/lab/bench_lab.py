@@ -87,13 +87,10 @@ from kube_network_policies.dataplane.nftables import (
     CACHE_V6,
     TABLE,
     Backend,
-    DataplaneError,
-    Ruleset,
     RulesetConfig,
-    detect_backend,
     flush_cache_commands,
-    run_command,
 )
+from kube_network_policies.dataplane.ruleset import DataplaneError, Ruleset, detect_backend, run_command
 from kube_network_policies.lab import loadgen
 from kube_network_policies.lab.bench_engine import network_policy_object, pod_object
 from kube_network_policies.lab.netns_mode import Agent, LabError, check_lab_prerequisites

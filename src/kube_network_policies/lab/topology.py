@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import ipaddress
 import itertools
 import os
@@ -49,15 +48,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 
-NETNS_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
+from kube_network_policies.dataplane.netns import NETNS_DIR, entered, netns_path
+
 PREFIX_ROOT = "knp"
 GATEWAY4 = "169.254.1.1"  # the pods' default gateway; never assigned, only a permanent neighbour
 GATEWAY6 = "fe80::1"  # assigned to every node-side pod veth, link-local so it may repeat
 FABRIC_NETNS = "fabric"
 
 _run_counter = itertools.count()
-_libc: ctypes.CDLL | None = None
 
 
 class TopologyError(Exception):
@@ -98,50 +96,6 @@ class Link:
     netns: str
     ifname: str
     mac: str
-
-
-# --- namespaces from Python ----------------------------------------------------------------
-
-
-def _setns_fd(fd: int) -> None:
-    # Python 3.11 has no os.setns (3.12+): call libc directly. Moves the calling thread only.
-    global _libc
-    if hasattr(os, "setns"):
-        os.setns(fd, CLONE_NEWNET)  # type: ignore[attr-defined,unused-ignore]
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def netns_path(name: str) -> str:
-    return f"{NETNS_DIR}/{name}"
-
-
-@contextlib.contextmanager
-def entered(fd_or_name: int | str) -> Iterator[None]:
-    """Run the block with the calling thread inside a network namespace (a name under
-    /var/run/netns or an open namespace fd), then move it back, whatever happens. Sockets created
-    inside stay in that namespace for their whole life."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if isinstance(fd_or_name, int):
-            _setns_fd(fd_or_name)
-        else:
-            fd = os.open(netns_path(fd_or_name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns_fd(fd)
-            finally:
-                os.close(fd)
-        try:
-            yield
-        finally:
-            _setns_fd(home)  # if this fails the thread is lost in the namespace: let it raise
-    finally:
-        os.close(home)
 
 
 def _write_sysctls(netns: str, values: dict[str, str]) -> None:

@@ -1,0 +1,233 @@
+"""The agent keeps its ruleset in the kernel and says when it cannot (no root: the ruleset is a
+recording stand-in with the same interface; tests/kernel/test_agent_hardening.py runs the real one).
+
+- a failed sync keeps the previous sets, makes /readyz fail, is retried with backoff and clears;
+- the check runs when notifications say so and periodically without them; a difference is
+  restored and counted; a failed restore makes /readyz fail and is retried;
+- an address nft cannot hold is left out (the rest is still synced) and reported;
+- nothing in a control-loop turn ends the agent: a source or apply failure is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import pytest
+
+from kube_network_policies import agent as agent_module
+from kube_network_policies.agent import Agent, AgentConfig
+from kube_network_policies.dataplane.ruleset import CommandError
+from kube_network_policies.model import Namespace, Pod
+from kube_network_policies.model.networkpolicy import NetworkPolicy
+from kube_network_policies.model.selectors import LabelSet
+from kube_network_policies.sources.base import Batch, Change
+
+
+class RecordingRuleset:
+    """Ruleset's interface: records syncs; check() answers `problems`; failures on demand."""
+
+    def __init__(self) -> None:
+        self.synced: list[tuple[list[str], list[str]]] = []
+        self.fail_sync = False
+        self.fail_restore = False
+        self.problems: list[str] = []
+        self.checks = 0
+        self.restores = 0
+
+    def sync(self, v4: list[str], v6: list[str]) -> None:
+        if self.fail_sync:
+            raise CommandError(("nft", "-f", "-"), 1, "Error: Could not process rule: Device or resource busy")
+        self.synced.append((list(v4), list(v6)))
+
+    def flush_cache(self) -> None:
+        pass
+
+    def check(self) -> list[str]:
+        self.checks += 1
+        return list(self.problems)
+
+    def restore(self) -> None:
+        if self.fail_restore:
+            raise CommandError(("nft", "-f", "-"), 1, "Error: out of memory")
+        self.restores += 1
+        self.problems = []
+
+
+class NoSource:
+    def take(self) -> Batch | None:
+        return None
+
+    def fileno(self) -> None:
+        return None
+
+    def status(self) -> dict[str, object]:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+
+def running_agent(**config: Any) -> tuple[Agent, RecordingRuleset]:
+    """An agent past start(): ready, with a recording ruleset and no workers."""
+    agent = Agent(AgentConfig(manifests=("unused",), node="n1", **config), source=NoSource())  # type: ignore[arg-type]
+    rs = RecordingRuleset()
+    agent._ruleset = rs  # type: ignore[assignment]
+    agent._sync_ruleset(first=True)
+    agent.ready = True
+    agent._backstop_at = time.monotonic() + agent_module.CHECK_INTERVAL_S
+    return agent, rs
+
+
+def pod(name: str, ip: str, node: str = "n1", app: str = "db") -> Pod:
+    # Built directly, not parsed: the model's validation would refuse a bad IP (as it should).
+    return Pod(namespace="ns", name=name, labels=LabelSet({"app": app}), ips=(ip,), node=node, phase="Running", host_network=False, ports=())
+
+
+def namespace() -> Namespace:
+    return Namespace("ns", LabelSet({"kubernetes.io/metadata.name": "ns"}))
+
+
+def select_db() -> NetworkPolicy:
+    from kube_network_policies.model import parse_object
+
+    obj = parse_object({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "ns"},
+        "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
+    })
+    assert isinstance(obj, NetworkPolicy)
+    return obj
+
+
+def changes(*objs: Any) -> Batch:
+    from kube_network_policies.model import object_key
+
+    return Batch([Change(object_key(o), None, o) for o in objs])
+
+
+def test_a_failed_sync_keeps_the_old_sets_fails_readiness_and_is_retried() -> None:
+    agent, rs = running_agent()
+    assert agent.is_ready()
+    rs.fail_sync = True
+    agent.apply(changes(namespace(), pod("a", "10.0.0.1"), select_db()))
+    assert not agent.is_ready()
+    assert "sync" in agent.problems
+    assert agent.metrics.control.errors == {"ruleset_sync": 1}
+    assert agent.metrics.control.in_sync is False
+    assert agent._sync_retry_at < math.inf
+    rs.fail_sync = False
+    agent._sync_retry_at = 0.0  # the retry is due
+    agent._maintain_ruleset()
+    assert rs.synced[-1] == (["10.0.0.1"], [])
+    assert agent.is_ready() and agent.metrics.control.in_sync
+
+
+def test_retries_back_off() -> None:
+    agent, rs = running_agent()
+    rs.fail_sync = True
+    delays = []
+    for _ in range(7):
+        agent._sync_retry_at = 0.0
+        before = time.monotonic()
+        agent._maintain_ruleset()
+        delays.append(round(agent._sync_retry_at - before, 1))
+    assert delays == [0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0]
+
+
+def test_differences_are_restored_and_counted() -> None:
+    agent, rs = running_agent()
+    rs.problems = ["table inet kube-network-policies is missing"]
+    agent._check_at = 0.0  # as after a notification
+    agent._maintain_ruleset()
+    assert rs.restores == 1
+    assert agent.metrics.control.restores == 1
+    assert agent.is_ready()
+    assert agent._check_at < math.inf  # a confirming check follows
+
+
+def test_a_failed_restore_fails_readiness_until_one_succeeds() -> None:
+    agent, rs = running_agent()
+    rs.problems = ["chain postrouting is missing"]
+    rs.fail_restore = True
+    agent._check_at = 0.0
+    agent._maintain_ruleset()
+    assert not agent.is_ready()
+    assert agent.problems["ruleset"] == "restoring the ruleset failed"
+    assert agent.metrics.control.errors == {"ruleset_restore": 1}
+    retry = agent._check_at
+    assert time.monotonic() < retry < time.monotonic() + 1.0
+    rs.fail_restore = False
+    agent._check_at = 0.0
+    agent._maintain_ruleset()
+    assert agent.is_ready() and agent.metrics.control.restores == 1
+
+
+def test_the_periodic_check_runs_without_notifications() -> None:
+    agent, rs = running_agent()
+    agent._maintain_ruleset()
+    assert rs.checks == 0  # not due yet
+    agent._backstop_at = 0.0
+    agent._maintain_ruleset()
+    assert rs.checks == 1
+    assert agent._backstop_at > time.monotonic() + agent_module.CHECK_INTERVAL_S - 1
+
+
+def test_an_address_nft_cannot_hold_is_left_out_and_reported() -> None:
+    """A zoned IPv6 address (which the model rejects) used to fail every later sync, so new
+    policies were not enforced while /statusz said ready."""
+    agent, rs = running_agent()
+    agent.apply(changes(namespace(), pod("a", "10.0.0.1"), pod("z", "fd00::99%x"), select_db()))
+    assert rs.synced[-1] == (["10.0.0.1"], [])
+    assert "addresses" in agent.problems and not agent.is_ready()
+    agent.apply(Batch([Change(("Pod", "ns", "z"), None, None)]))
+    assert "addresses" not in agent.problems and agent.is_ready()
+
+
+def test_nothing_in_a_turn_ends_the_agent() -> None:
+    agent, rs = running_agent()
+
+    class Broken(NoSource):
+        def take(self) -> Batch | None:
+            raise RecursionError("maximum recursion depth exceeded")
+
+    agent.source = Broken()  # type: ignore[assignment]
+    agent._step()
+    assert agent.metrics.control.errors == {"source": 1}
+
+    class Poison(NoSource):
+        def take(self) -> Batch | None:
+            return Batch([Change(("Pod", "ns", "p"), None, "not an object")])  # type: ignore[arg-type]
+
+    agent.source = Poison()  # type: ignore[assignment]
+    agent._step()
+    assert agent.metrics.control.errors["apply"] == 1
+    assert "apply" in agent.problems and not agent.is_ready()
+
+
+def test_a_stalled_control_loop_is_not_ready_then_not_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _ = running_agent()
+    assert agent.is_ready() and agent.is_alive()
+    agent._heartbeat -= agent_module.STALL_READY_S + 1
+    assert not agent.is_ready() and agent.is_alive()
+    agent._heartbeat -= agent_module.STALL_LIVE_S
+    assert not agent.is_alive()
+
+
+def test_exit_decision() -> None:
+    def decision(**kw: Any) -> tuple[bool, str]:
+        agent, _ = running_agent(**kw)
+        return agent.exit_decision()
+
+    assert decision(fail_open=True)[0] is True
+    keep, why = decision()
+    assert keep is False and "standalone" in why
+    assert decision(ruleset_on_exit="keep") == (True, "--ruleset-on-exit=keep")
+    assert decision(fail_open=True, ruleset_on_exit="remove") == (False, "--ruleset-on-exit=remove")
+    with pytest.raises(ValueError, match="ruleset_on_exit"):
+        Agent(AgentConfig(manifests=("x",), node="n", ruleset_on_exit="sometimes"))
+    # Kubernetes mode without an API to ask (an injected source): keep, fail-closed.
+    agent = Agent(dataclasses.replace(AgentConfig(manifests=(), node="n1")), source=NoSource())  # type: ignore[arg-type]
+    assert agent.exit_decision()[0] is True
