@@ -148,11 +148,13 @@ def test_objects_and_references(manifest: str) -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "DaemonSet",
+        "Role",
+        "RoleBinding",
         "ServiceAccount",
     ]
     for d in docs:
         assert d["metadata"]["name"] == NAME
-        namespaced = d["kind"] in ("ServiceAccount", "DaemonSet")
+        namespaced = d["kind"] in ("ServiceAccount", "DaemonSet", "Role", "RoleBinding")
         assert d["metadata"].get("namespace") == (NAMESPACE if namespaced else None), d["kind"]
     binding = only(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -161,6 +163,13 @@ def test_objects_and_references(manifest: str) -> None:
         "name": NAME,
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]
+    role_binding = only(docs, "RoleBinding")
+    assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME}
+    assert role_binding["subjects"] == binding["subjects"]
+    # The Role: get this one DaemonSet (exit_decision), nothing else.
+    assert only(docs, "Role")["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [NAME], "verbs": ["get"]}
+    ]
     ds = only(docs, "DaemonSet")
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == NAME
     selector = ds["spec"]["selector"]["matchLabels"]
@@ -179,6 +188,9 @@ def test_flags_fit_the_file(manifest: str) -> None:
     assert args.metrics_bind_address == f":{METRICS_PORT}"
     env = {e["name"]: e for e in container(manifest)["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # Its own pod, to find its DaemonSet on SIGTERM (restart or uninstall).
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
 
 @params
@@ -350,7 +362,7 @@ def installed_rbac(
             continue
         obj = copy.deepcopy(obj)
         obj["metadata"]["name"] = name
-        if obj["kind"] == "ClusterRoleBinding":
+        if obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             obj["roleRef"]["name"] = name
             obj["subjects"][0]["name"] = name
         objects.append(obj)
@@ -371,6 +383,17 @@ def allowed(
     cp: ControlPlane, user: str, group: str, resource: str, verb: str, subresource: str = ""
 ) -> bool:
     attributes = {"group": group, "resource": resource, "verb": verb, "subresource": subresource}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": SA_GROUPS, "resourceAttributes": attributes},
+    }
+    status, body = cp.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    assert status == 201, body
+    return bool(body["status"].get("allowed"))
+
+
+def allowed_in(cp: ControlPlane, user: str, attributes: dict[str, str]) -> bool:
     review = {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
@@ -413,3 +436,10 @@ def test_rbac_grants_exactly_reading(
     # No status writes either: the agent reports nothing through the API.
     for group, resource in sorted(readable):
         assert not allowed(controlplane, user, group, resource, "update", "status"), resource
+    # Its own DaemonSet, by name, in its namespace, read only: nothing more of the apps group.
+    ds = {"group": "apps", "resource": "daemonsets", "namespace": NAMESPACE}
+    assert allowed_in(controlplane, user, {**ds, "verb": "get", "name": NAME})
+    assert not allowed_in(controlplane, user, {**ds, "verb": "get", "name": "other"})
+    assert not allowed_in(controlplane, user, {**ds, "verb": "list"})
+    assert not allowed_in(controlplane, user, {**ds, "verb": "delete", "name": NAME})
+    assert not allowed_in(controlplane, user, {**ds, "verb": "get", "name": NAME, "namespace": "default"})

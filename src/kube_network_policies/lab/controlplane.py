@@ -524,12 +524,24 @@ def _crd_documents(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, An
             files.extend(sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml", ".json")))
         else:
             files.append(p)
-    docs = []
+    chosen: dict[str, dict[str, Any]] = {}
     for f in files:
         for doc in yaml.safe_load_all(f.read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
-                docs.append(doc)
-    return docs
+                name = str(doc.get("metadata", {}).get("name"))
+                if name not in chosen or _crd_rank(doc) > _crd_rank(chosen[name]):
+                    chosen[name] = doc
+    return list(chosen.values())
+
+
+def _crd_rank(doc: dict[str, Any]) -> tuple[bool, tuple[int, ...]]:
+    """Several releases of one CRD (shared/crds holds v0.1.5 and v0.1.7, v0.2.0 and v0.3.0):
+    install one, the experimental channel (a superset) of the newest bundle version. Installing
+    each in turn would replace a CRD whose stored versions the next one may not serve."""
+    annotations = doc.get("metadata", {}).get("annotations") or {}
+    version = str(annotations.get("policy.networking.k8s.io/bundle-version", "v0")).lstrip("v")
+    numbers = tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+    return annotations.get("policy.networking.k8s.io/channel") == "experimental", numbers
 
 
 def install_crds(
@@ -545,7 +557,9 @@ def install_crds(
     for doc in docs:
         name = doc["metadata"]["name"]
         status, body = cp.request("POST", CRD_API, doc)
-        if status == 409:
+        for _ in range(10):  # exists: replace it; 409 again when its status changed meanwhile
+            if status != 409:
+                break
             status, current = cp.request("GET", f"{CRD_API}/{name}")
             if status == 200:
                 doc = dict(doc, metadata=dict(doc["metadata"]))

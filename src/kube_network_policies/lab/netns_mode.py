@@ -75,13 +75,16 @@ def _external_ips(scenario: Scenario) -> list[str]:
 class Agent:
     """One agent process in a node namespace."""
 
-    def __init__(self, topology: Topology, node: str, manifests: Path | None, flags: list[str], port: int, log_path: Path, kubeconfig: Path | None = None) -> None:
+    def __init__(
+        self, topology: Topology, node: str, manifests: Path | None, flags: list[str], port: int, log_path: Path,
+        kubeconfig: Path | None = None, env: dict[str, str] | None = None,
+    ) -> None:
         self.node = node
         self.netns = topology.node_netns(node)
         self.port = port
         self.log_path = log_path
         src = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
         argv = [
             shutil.which("ip") or "ip", "netns", "exec", self.netns,
             sys.executable, "-m", "kube_network_policies", "run",

@@ -11,7 +11,8 @@ that no DaemonSet will run an agent on this node again:
   restart it;
 - that DaemonSet is gone, or has a deletionTimestamp (being deleted);
 - it no longer selects this node (nodeSelector, required node affinity, untolerated
-  NoSchedule/NoExecute taints), as when it is rolled back from some nodes.
+  NoSchedule/NoExecute taints other than the node lifecycle's transient node.kubernetes.io/
+  ones), as when it is taken off some nodes.
 
 When the API cannot answer (down, unreachable, forbidden), the agent keeps the ruleset and says
 how to remove it by hand (`kube-network-policies cleanup`). A DaemonSet that was deleted and
@@ -39,18 +40,10 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = 3.0  # per request; the kubelet's grace period (30 s by default) bounds the whole
 CLEANUP_HINT = "run `kube-network-policies cleanup` on the node if this is an uninstall"
 
-# Taints a DaemonSet's pods tolerate without saying so (the DaemonSet controller adds these).
-_AUTO_TOLERATED = frozenset(
-    (
-        ("node.kubernetes.io/not-ready", "NoExecute"),
-        ("node.kubernetes.io/unreachable", "NoExecute"),
-        ("node.kubernetes.io/disk-pressure", "NoSchedule"),
-        ("node.kubernetes.io/memory-pressure", "NoSchedule"),
-        ("node.kubernetes.io/pid-pressure", "NoSchedule"),
-        ("node.kubernetes.io/unschedulable", "NoSchedule"),
-        ("node.kubernetes.io/network-unavailable", "NoSchedule"),  # hostNetwork pods
-    )
-)
+# Taints under this prefix are the node lifecycle's (not-ready, unreachable, *-pressure,
+# unschedulable, network-unavailable): they come and go, and the DaemonSet places its pod again
+# once they are gone, so they never mean "uninstalled".
+_TRANSIENT_TAINTS = "node.kubernetes.io/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +126,7 @@ def node_selected(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> str:
     for taint in (node.get("spec") or {}).get("taints") or []:
         if not isinstance(taint, dict) or taint.get("effect") not in ("NoSchedule", "NoExecute"):
             continue
-        if (taint.get("key"), taint.get("effect")) in _AUTO_TOLERATED:
+        if str(taint.get("key", "")).startswith(_TRANSIENT_TAINTS):
             continue
         if not any(_tolerates(t, taint) for t in tolerations):
             return f"taint {taint.get('key')}:{taint.get('effect')} is not tolerated"
