@@ -64,6 +64,10 @@ RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # a failed sync, check or restore is retrie
 STALL_READY_S = 15.0  # a control loop stuck this long: not ready (changes are not being applied)
 STALL_LIVE_S = 60.0  # ... this long: not alive either, so that the kubelet restarts the agent
 RULESET_ON_EXIT = ("auto", "keep", "remove")
+# More restores than this within FIGHT_WINDOW_S: something keeps changing the ruleset (another
+# agent, a firewall manager that owns the whole ruleset). Enforcement flickers: say so.
+FIGHT_RESTORES = 5
+FIGHT_WINDOW_S = 60.0
 
 Key = tuple[str, str, str]
 Op = tuple[Any, ...]
@@ -154,6 +158,7 @@ class Agent:
         self._failures = 0  # consecutive failed syncs/checks/restores: picks the retry delay
         self._heartbeat = time.monotonic()  # the control loop's last turn
         self._api_config: Any = None  # Kubernetes mode: the API, asked on exit
+        self._restored_at: list[float] = []  # monotonic times of the recent restores
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -471,7 +476,8 @@ class Agent:
             self._ruleset_failed("ruleset", "ruleset_check", f"checking the ruleset failed: {exc}")
             return
         if not problems:
-            if self.problems.pop("ruleset", None) is not None:
+            self._restored_at = [t for t in self._restored_at if started - t < FIGHT_WINDOW_S]
+            if len(self._restored_at) <= FIGHT_RESTORES and self.problems.pop("ruleset", None) is not None:
                 log.info("the ruleset is in place again")
             self._ruleset_ok()
             return
@@ -482,10 +488,21 @@ class Agent:
             self._ruleset_failed("ruleset", "ruleset_restore", f"restoring the ruleset failed: {exc}")
             return
         self.metrics.control.restored()
+        now = time.monotonic()
+        self._restored_at = [t for t in self._restored_at if now - t < FIGHT_WINDOW_S] + [now]
+        log.info("ruleset restored in %.0f ms", (now - started) * 1000)
+        self._check_at = now + 1.0  # and make sure it stays
+        if len(self._restored_at) > FIGHT_RESTORES:
+            # Restoring goes on (at most once a second: the confirming check above), but
+            # enforcement has gaps while someone keeps undoing it: not ready, and say why.
+            message = f"the ruleset was changed by someone else {len(self._restored_at)} times in {FIGHT_WINDOW_S:.0f} s (another agent or firewall manager?)"
+            if self.problems.get("ruleset") != message:
+                log.error("%s", message)
+            self.problems["ruleset"] = message
+            self.metrics.control.in_sync = False
+            return
         self.problems.pop("ruleset", None)
         self._ruleset_ok()
-        log.info("ruleset restored in %.0f ms", (time.monotonic() - started) * 1000)
-        self._check_at = time.monotonic() + 1.0  # and make sure it stays
 
     def _applied_counts(self) -> dict[str, int]:
         """Objects of each kind in the applied state: a barrier for tools that delete objects

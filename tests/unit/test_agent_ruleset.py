@@ -231,3 +231,24 @@ def test_exit_decision() -> None:
     # Kubernetes mode without an API to ask (an injected source): keep, fail-closed.
     agent = Agent(dataclasses.replace(AgentConfig(manifests=(), node="n1")), source=NoSource())  # type: ignore[arg-type]
     assert agent.exit_decision()[0] is True
+
+
+def test_a_fight_over_the_ruleset_is_reported() -> None:
+    """Another agent or a firewall manager undoing the ruleset again and again: enforcement has
+    gaps, so the agent goes on restoring but is not ready, and says why."""
+    agent, rs = running_agent()
+    for _ in range(agent_module.FIGHT_RESTORES):
+        rs.problems = ["table inet kube-network-policies is missing"]
+        agent._check_at = 0.0
+        agent._maintain_ruleset()
+        assert agent.is_ready()
+    rs.problems = ["table inet kube-network-policies is missing"]
+    agent._check_at = 0.0
+    agent._maintain_ruleset()
+    assert rs.restores == agent_module.FIGHT_RESTORES + 1
+    assert not agent.is_ready() and "times in 60 s" in agent.problems["ruleset"]
+    # Once the restores are old enough, a clean check makes it ready again.
+    agent._restored_at = [t - agent_module.FIGHT_WINDOW_S for t in agent._restored_at]
+    agent._check_at = 0.0
+    agent._maintain_ruleset()
+    assert agent.is_ready()
