@@ -4,8 +4,8 @@ The binaries come from ``hack/controlplane/build.sh`` (built once, 10-25 minutes
 cores, then reused from ``${KNP_CACHE:-/var/cache/kube-network-policies}/controlplane``).
 
 - ``KNP_CONTROLPLANE_BIN_DIR=DIR``: use the etcd and kube-apiserver in DIR, build nothing.
-- ``KNP_BUILD_CONTROLPLANE=0``: do not build; tests that need the control plane skip with the
-  reason when the binaries are not there yet.
+- ``KNP_BUILD_CONTROLPLANE=1``: build the binaries when they are missing (10-25 min cold);
+  without it (and outside CI) tests that need the control plane skip with the reason.
 - ``CI=true``: these tests never skip: the binaries are built if missing, and anything that
   keeps the control plane from running fails the tests.
 - ``KNP_CRDS_DIR``: the policy API CRDs (default: ``shared/crds`` beside the repository).
@@ -39,19 +39,6 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "controlplane: needs a real kube-apiserver + etcd (hack/controlplane/build.sh)"
-    )
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.controlplane)
-
-
 def _has_binaries(bin_dir: Path) -> bool:
     return all(os.access(bin_dir / n, os.X_OK) for n in ("etcd", "kube-apiserver"))
 
@@ -66,7 +53,8 @@ def controlplane_bin_dir(request: pytest.FixtureRequest) -> Path:
         return Path(override)
     if shutil.which("go") is None:
         skip_or_fail("needs Go to build kube-apiserver and etcd (hack/controlplane/build.sh)")
-    allowed = in_ci() or os.environ.get("KNP_BUILD_CONTROLPLANE", "1") != "0"
+    # Opt-in: a test run never starts a long build by surprise (CI builds: it must run these).
+    allowed = in_ci() or os.environ.get("KNP_BUILD_CONTROLPLANE") == "1"
     probe = subprocess.run(
         ["bash", str(BUILD_SCRIPT), "--print-path"], capture_output=True, text=True
     )
@@ -77,8 +65,8 @@ def controlplane_bin_dir(request: pytest.FixtureRequest) -> Path:
         return bin_dir
     if not allowed:
         skip_or_fail(
-            f"kube-apiserver/etcd not built in {bin_dir} and KNP_BUILD_CONTROLPLANE=0: "
-            "run hack/controlplane/build.sh (10-25 min cold)"
+            f"kube-apiserver/etcd not built in {bin_dir}: run hack/controlplane/build.sh "
+            "(10-25 min cold) or set KNP_BUILD_CONTROLPLANE=1"
         )
     # A long build: show its progress on the terminal rather than capturing it.
     capman = request.config.pluginmanager.getplugin("capturemanager")

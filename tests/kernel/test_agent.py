@@ -38,11 +38,18 @@ import netns  # tests/kernel/netns.py
 import pytest
 import yaml
 
+from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.dataplane.nfqueue import read_queue_stats
-from kube_network_policies.dataplane.nftables import CACHE_V4, CACHE_V6, TABLE, Backend, RulesetConfig
+from kube_network_policies.dataplane.nftables import (
+    CACHE_V4,
+    CACHE_V6,
+    TABLE,
+    Backend,
+    RulesetConfig,
+)
 from kube_network_policies.dataplane.ruleset import Ruleset, detect_backend
 from kube_network_policies.lab.probe import Prober
-from kube_network_policies.lab.topology import Topology, entered
+from kube_network_policies.lab.topology import Topology
 from kube_network_policies.sources.files import manifest_digest
 
 pytestmark = pytest.mark.kernel

@@ -36,13 +36,18 @@ from dataclasses import dataclass, field
 import netns  # tests/kernel/netns.py
 import pytest
 
-from kube_network_policies.dataplane.nfqueue import NfQueue, QueueStats, read_queue_stats
+from kube_network_policies.dataplane.netns import entered
+from kube_network_policies.dataplane.nfqueue import (
+    NfQueue,
+    QueueStats,
+    read_queue_stats,
+)
 from kube_network_policies.dataplane.nftables import TABLE, Backend, RulesetConfig
-from kube_network_policies.dataplane.ruleset import Ruleset, detect_backend
 from kube_network_policies.dataplane.packet import parse_packet
+from kube_network_policies.dataplane.ruleset import Ruleset, detect_backend
 from kube_network_policies.engine.flow import Flow
 from kube_network_policies.lab.probe import Prober
-from kube_network_policies.lab.topology import Topology, entered
+from kube_network_policies.lab.topology import Topology
 
 pytestmark = pytest.mark.kernel
 

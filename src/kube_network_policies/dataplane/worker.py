@@ -66,7 +66,7 @@ def make_decide(state: ClusterState, node: str, default: bool, metrics: PacketMe
         start = clock()
         flow = parse_packet(payload)
         if flow.__class__ is int:
-            name = error_names.get(flow, "unknown")  # type: ignore[call-overload]
+            name = error_names.get(flow, "unknown")
             errors[name] = errors.get(name, 0) + 1
             return default
         allowed = evaluate(flow, node).allowed  # type: ignore[arg-type]

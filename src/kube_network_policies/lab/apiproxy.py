@@ -14,7 +14,7 @@ import selectors
 import socket
 import threading
 
-from kube_network_policies.lab.topology import entered
+from kube_network_policies.dataplane.netns import entered
 
 BUFFER = 65536
 

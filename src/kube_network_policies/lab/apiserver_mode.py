@@ -25,7 +25,14 @@ from typing import Any
 
 from kube_network_policies.lab.apiproxy import ApiProxy
 from kube_network_policies.lab.controlplane import ControlPlane, ControlPlaneError
-from kube_network_policies.lab.netns_mode import FEATURE_FLAGS, Agent, LabError, LabSession, _external_ips, _probed_servers
+from kube_network_policies.lab.netns_mode import (
+    FEATURE_FLAGS,
+    Agent,
+    LabError,
+    LabSession,
+    _external_ips,
+    _probed_servers,
+)
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.runner import ScenarioCluster, StepChanges
 from kube_network_policies.lab.scenario import Scenario

@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.dataplane.nfqueue import QueueStats, read_queue_stats
 from kube_network_policies.dataplane.nftables import (
     CACHE_V4,
@@ -90,11 +91,20 @@ from kube_network_policies.dataplane.nftables import (
     RulesetConfig,
     flush_cache_commands,
 )
-from kube_network_policies.dataplane.ruleset import DataplaneError, Ruleset, detect_backend, run_command
+from kube_network_policies.dataplane.ruleset import (
+    DataplaneError,
+    Ruleset,
+    detect_backend,
+    run_command,
+)
 from kube_network_policies.lab import loadgen
 from kube_network_policies.lab.bench_engine import network_policy_object, pod_object
-from kube_network_policies.lab.netns_mode import Agent, LabError, check_lab_prerequisites
-from kube_network_policies.lab.topology import Topology, TopologyError, entered
+from kube_network_policies.lab.netns_mode import (
+    Agent,
+    LabError,
+    check_lab_prerequisites,
+)
+from kube_network_policies.lab.topology import Topology, TopologyError
 from kube_network_policies.sources.files import manifest_digest
 
 NODE = "bench-node"

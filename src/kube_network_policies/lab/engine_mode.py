@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from kube_network_policies.engine import ClusterState, Features, Flow
-from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges, combine_families
+from kube_network_policies.lab.runner import (
+    Observation,
+    Pair,
+    ScenarioCluster,
+    StepChanges,
+    combine_families,
+)
 from kube_network_policies.lab.scenario import Scenario
 from kube_network_policies.model import parse_object
 

@@ -19,16 +19,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.lab.probe import Prober
-from kube_network_policies.lab.runner import Observation, Pair, ScenarioCluster, StepChanges, combine_families
+from kube_network_policies.lab.runner import (
+    Observation,
+    Pair,
+    ScenarioCluster,
+    StepChanges,
+    combine_families,
+)
 from kube_network_policies.lab.scenario import Scenario
-from kube_network_policies.lab.topology import Topology, TopologyError, entered
+from kube_network_policies.lab.topology import Topology, TopologyError
 from kube_network_policies.sources.files import manifest_digest
 
 AGENT_START_TIMEOUT_S = 30.0

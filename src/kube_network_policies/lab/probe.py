@@ -50,7 +50,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kube_network_policies.lab.topology import Topology, TopologyError, entered, exit_on_sigterm, netns_path
+from kube_network_policies.dataplane.netns import entered, netns_path
+from kube_network_policies.lab.topology import Topology, TopologyError, exit_on_sigterm
 
 DEFAULT_TIMEOUT = 1.0
 PROTOCOLS = ("TCP", "UDP", "SCTP")
