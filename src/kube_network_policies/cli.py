@@ -114,6 +114,8 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-accept-cache", "--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
                    help="remember accepted (source, destination, protocol, port) tuples in the kernel for 30 s, so repeated connections skip userspace; emptied on every state change (default true)")
     p.add_argument("-metrics-bind-address", "--metrics-bind-address", dest="metrics_bind_address", default=":9080", metavar="ADDR", help="metrics and health endpoints (default :9080)")
+    p.add_argument("-status-details", "--status-details", dest="status_details", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
+                   help="show diverted pod IPs and error texts on /statusz, to whoever reaches the metrics address (default false)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -223,6 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         queue_count=args.nfqueue_count,
         accept_cache=args.accept_cache,
         metrics_bind_address=args.metrics_bind_address,
+        status_details=args.status_details,
         kubeconfig=args.kubeconfig,
     )
     return run_agent(config)

@@ -655,7 +655,7 @@ def test_agent_in_kubernetes_mode_is_ready_only_after_every_source_synced(contro
         with open(log_path, "wb") as log:
             agent = subprocess.Popen(
                 ["ip", "netns", "exec", netns, sys.executable, "-m", "kube_network_policies", "run", "--kubeconfig", str(kubeconfig),
-                 "--hostname-override", node, "--metrics-bind-address", f"127.0.0.1:{metrics_port}", "--nfqueue-id", "200"],
+                 "--hostname-override", node, "--metrics-bind-address", f"127.0.0.1:{metrics_port}", "--nfqueue-id", "200", "--status-details"],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         try:
