@@ -72,6 +72,12 @@ FIGHT_WINDOW_S = 60.0
 Key = tuple[str, str, str]
 Op = tuple[Any, ...]
 
+# Per-source /statusz fields shown without -status-details: what tools wait on, and counters.
+_PUBLIC_SOURCE_STATUS = frozenset({
+    "synced", "resourceVersion", "appliedResourceVersion", "digest", "objects",
+    "lists", "relists", "watches", "events", "invalid", "errors",
+})
+
 
 class AgentError(Exception):
     """A start-up problem the user must fix (bad files, no queue, no nftables): exit status 2."""
@@ -93,6 +99,7 @@ class AgentConfig:
     ruleset_on_exit: str = "auto"
     pod_namespace: str | None = None  # the agent's own pod, to find its DaemonSet on exit
     pod_name: str | None = None
+    status_details: bool = False  # /statusz with diverted pod IPs and error texts (status())
 
 
 def make_source(config: AgentConfig) -> Source:
@@ -166,7 +173,7 @@ class Agent:
         """Everything up to ready; raises AgentError with a clear message."""
         cfg = self.config
         try:
-            self._server = MetricsServer(cfg.metrics_bind_address, self.metrics, ready=self.is_ready, status=self.status)
+            self._server = MetricsServer(cfg.metrics_bind_address, self.metrics, ready=self.is_ready, status=self.status, alive=self.is_alive)
         except (ValueError, OSError) as exc:
             raise AgentError(f"-metrics-bind-address {cfg.metrics_bind_address}: {exc}") from None
         try:
@@ -514,7 +521,12 @@ class Agent:
 
     def status(self) -> dict[str, object]:
         """For /statusz: readiness, what is applied, and per source (each watched resource) its
-        sync state, the resourceVersion seen and the one applied (in every worker)."""
+        sync state, the resourceVersion seen and the one applied (in every worker).
+
+        /statusz answers whoever reaches the metrics port. Unless status_details is set it
+        leaves out what tells an outsider about the cluster: the diverted pod IPs (counts
+        instead), error texts (API server addresses, RBAC names, file paths) and anything else
+        not in the lists below; tools that wait on the agent need only these."""
         with self._lock:
             out: dict[str, object] = {
                 "ready": self.is_ready(),
@@ -522,18 +534,24 @@ class Agent:
                 "mode": "standalone" if self.config.manifests else "kubernetes",
                 "generation": self.generation,
                 "digest": self.applied.get("digest", ""),
-                "diverted_ipv4": sorted(self._managed[0]),
-                "diverted_ipv6": sorted(self._managed[1]),
+                "diverted": {"ipv4": len(self._managed[0]), "ipv6": len(self._managed[1])},
                 "objects": len(self.objects),
                 "appliedObjects": dict(self.applied_counts),
                 "problems": dict(self.problems),
                 "rulesetRestores": self.metrics.control.restores,
+                "details": self.config.status_details,
             }
+            if self.config.status_details:
+                out["diverted_ipv4"] = sorted(self._managed[0])
+                out["diverted_ipv6"] = sorted(self._managed[1])
             applied = dict(self.applied)
         sources = self.source.status() if self.source is not None else {}
         for name, st in sources.items():
-            if isinstance(st, dict) and name in applied:
-                st["appliedResourceVersion"] = applied[name]
+            if isinstance(st, dict):
+                if name in applied:
+                    st["appliedResourceVersion"] = applied[name]
+                if not self.config.status_details:
+                    sources[name] = {k: v for k, v in st.items() if k in _PUBLIC_SOURCE_STATUS}
         out["sources"] = sources
         return out
 

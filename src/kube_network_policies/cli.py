@@ -120,6 +120,8 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: keep the nftables rules for the next agent, remove them, or auto (default): fail-open keeps; "
                         "fail-closed keeps unless the API shows the agent's DaemonSet is gone or no longer runs on this node "
                         "(Kubernetes mode) and removes in standalone mode")
+    p.add_argument("-status-details", "--status-details", dest="status_details", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
+                   help="show diverted pod IPs and error texts on /statusz, to whoever reaches the metrics address (default false)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -229,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         queue_count=args.nfqueue_count,
         accept_cache=args.accept_cache,
         metrics_bind_address=args.metrics_bind_address,
+        status_details=args.status_details,
         kubeconfig=args.kubeconfig,
         ruleset_on_exit=args.ruleset_on_exit,
         pod_namespace=os.environ.get("POD_NAMESPACE") or None,

@@ -38,8 +38,6 @@ Packet workers run in their own processes: each keeps a PacketMetrics, ships
 from __future__ import annotations
 
 import argparse
-import http.server
-import ipaddress
 import json
 import logging
 import math
@@ -57,6 +55,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from kube_network_policies.dataplane.nfqueue import read_queue_stats
+from kube_network_policies.httpserver import (
+    HttpServer,
+    Response,
+    ServerLimits,
+    parse_bind_address,
+)
 
 __all__ = [
     "BUCKETS_US",
@@ -68,6 +72,7 @@ __all__ = [
     "PacketDelta",
     "PacketMetrics",
     "QueueCollector",
+    "ServerLimits",
     "exposition",
     "parse_bind_address",
 ]
@@ -490,137 +495,15 @@ def exposition(registry: CollectorRegistry) -> bytes:
 # --- HTTP server ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class BindAddress:
-    host: str  # an IP literal, "" for all addresses
-    port: int
-    family: socket.AddressFamily
-
-
-def parse_bind_address(address: str) -> BindAddress:
-    """Parse a Go-style listen address: ":9080", "127.0.0.1:9080", "[::1]:9080", "0.0.0.0:0".
-
-    An empty host means every address (IPv6 and IPv4 when the node has IPv6). Host names are
-    refused: what a name resolves to can change, a bind address should not. ValueError says
-    what is wrong.
-    """
-    if not isinstance(address, str) or not address:
-        raise ValueError("metrics bind address is empty; expected host:port such as :9080 or 127.0.0.1:9080")
-    host, sep, port_text = address.rpartition(":")
-    if not sep:
-        raise ValueError(f"metrics bind address {address!r} has no port; expected host:port such as :9080")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"metrics bind address {address!r}: port must be a number in 0..65535")
-    port = int(port_text)
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ip = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"metrics bind address {address!r}: {host} is not an IPv6 address") from None
-        return BindAddress(str(ip), port, socket.AF_INET6)
-    if ":" in host or "[" in host or "]" in host:
-        raise ValueError(f"metrics bind address {address!r}: write an IPv6 host in brackets, e.g. [::1]:9080")
-    if host == "":
-        return BindAddress("", port, socket.AF_INET6 if socket.has_ipv6 and _ipv6_works() else socket.AF_INET)
-    try:
-        ip4 = ipaddress.IPv4Address(host)
-    except ValueError:
-        raise ValueError(f"metrics bind address {address!r}: {host!r} is not an IP address") from None
-    return BindAddress(str(ip4), port, socket.AF_INET)
-
-
-def _ipv6_works() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::", 0))
-        return True
-    except OSError:  # IPv6 disabled on this node
-        return False
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        family: socket.AddressFamily,
-        metrics_source: Callable[[], bytes],
-        ready: Callable[[], bool],
-        status: Callable[[], Mapping[str, object]] | None,
-    ) -> None:
-        self.address_family = family  # read by TCPServer.__init__ to create the socket
-        self.metrics_source = metrics_source
-        self.ready = ready
-        self.status = status
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack
-        super().server_bind()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        try:
-            if path == "/metrics":
-                self._reply(200, self.server.metrics_source(), CONTENT_TYPE)
-            elif path == "/healthz":
-                self._reply(200, b"ok\n")
-            elif path == "/readyz":
-                if self._ready():
-                    self._reply(200, b"ok\n")
-                else:
-                    self._reply(503, b"not ready\n")
-            elif path == "/statusz" and self.server.status is not None:
-                body = json.dumps(self.server.status(), indent=2, sort_keys=True, default=str) + "\n"
-                self._reply(200, body.encode(), "application/json")
-            else:
-                self._reply(404, b"not found\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
-        except Exception as e:  # never a traceback to the client or on stderr: log it, answer 500
-            log.error("serving %s: %s: %s", path, type(e).__name__, e)
-            log.debug("serving %s", path, exc_info=True)
-            try:
-                self._reply(500, b"internal error\n")
-            except OSError:
-                pass
-
-    def _ready(self) -> bool:
-        try:
-            return bool(self.server.ready())
-        except Exception as e:  # a broken readiness check means not ready
-            log.warning("readiness check failed: %s", e)
-            return False
-
-    def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_HEAD = do_GET
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (signature from http.server)
-        log.debug("%s %s", self.address_string(), format % args)
-
-
 class MetricsServer:
-    """/metrics, /healthz (200 while the process serves), /readyz (200 iff ready()) and, when
-    a status callback is given, /statusz (its JSON).
+    """/metrics, /healthz (200 while the process serves and `alive()`, when given, is true),
+    /readyz (200 iff ready()) and, when a status callback is given, /statusz (its JSON).
 
     The constructor only binds, so a bad or busy address fails early (ValueError for a bad
     address, OSError naming it when the port cannot be bound) and no thread exists yet (the
-    agent forks its workers after binding); start() serves from a daemon thread, close()
-    stops. As a context manager it starts on entry.
+    agent forks its workers after binding); start() serves from one thread, close() stops.
+    As a context manager it starts on entry. Connections, request sizes and how long a client
+    may take are bounded (httpserver.ServerLimits).
     """
 
     def __init__(
@@ -629,35 +512,58 @@ class MetricsServer:
         metrics: Metrics | Callable[[], bytes],
         ready: Callable[[], bool],
         status: Callable[[], Mapping[str, object]] | None = None,
+        limits: ServerLimits | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         bind = parse_bind_address(address)
         host = bind.host or ("::" if bind.family == socket.AF_INET6 else "0.0.0.0")
-        source = metrics.exposition if isinstance(metrics, Metrics) else metrics
+        self._metrics = metrics.exposition if isinstance(metrics, Metrics) else metrics
+        self._ready = ready
+        self._alive = alive
+        self._status = status
         try:
-            self._server = _Server((host, bind.port), bind.family, source, ready, status)
+            self._server = HttpServer(host, bind.port, bind.family, self._route, limits)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen on {address} for metrics: {e.strerror}") from None
-        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        return int(self._server.server_address[1])
+        return self._server.port
+
+    @property
+    def server(self) -> HttpServer:
+        return self._server
+
+    def _route(self, path: str) -> Response:
+        text = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            return 200, self._metrics(), CONTENT_TYPE
+        if path == "/healthz":
+            return (200, b"ok\n", text) if self._check(self._alive, "liveness") else (503, b"not alive\n", text)
+        if path == "/readyz":
+            return (200, b"ok\n", text) if self._check(self._ready, "readiness") else (503, b"not ready\n", text)
+        if path == "/statusz" and self._status is not None:
+            body = json.dumps(self._status(), indent=2, sort_keys=True, default=str) + "\n"
+            return 200, body.encode(), "application/json"
+        return 404, b"not found\n", text
+
+    @staticmethod
+    def _check(check: Callable[[], bool] | None, what: str) -> bool:
+        if check is None:
+            return True
+        try:
+            return bool(check())
+        except Exception as e:  # a broken check means no
+            log.warning("%s check failed: %s", what, e)
+            return False
 
     def start(self) -> None:
         """Serve from a daemon thread; idempotent."""
-        if self._thread is None:
-            # poll_interval bounds how long close() waits; 0.1 s of idle wake-ups costs nothing.
-            self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="metrics-http", daemon=True
-            )
-            self._thread.start()
+        self._server.start()
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
+        self._server.close()
 
     def __enter__(self) -> MetricsServer:
         self.start()

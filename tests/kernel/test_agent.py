@@ -198,7 +198,7 @@ class AgentProcess:
             shutil.which("ip") or "ip", "netns", "exec", lab.node_ns,
             sys.executable, "-m", "kube_network_policies", "run",
             "--manifests", str(manifests), "--hostname-override", NODE,
-            "-metrics-bind-address", f"127.0.0.1:{METRICS_PORT}", *flags,
+            "-metrics-bind-address", f"127.0.0.1:{METRICS_PORT}", "-status-details", *flags,
         ]
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         env.pop("KNP_DEBUG", None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import ssl
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,68 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
         full = min(30.0, 0.5 * 2**attempt)
         assert full / 2 <= d <= full
     assert len({round(backoff_delay(3), 6) for _ in range(20)}) > 1
+
+
+class RecordedWaits(threading.Event):
+    """The informer's stop event: records each backoff wait instead of sleeping, and stops the
+    loop after `n` of them."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.delays: list[float] = []
+        self.n = n
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.delays.append(float(timeout or 0))
+        if len(self.delays) >= self.n:
+            self.set()
+        return self.is_set()
+
+
+def test_backoff_is_short_while_unreachable_long_when_refused_and_reset_by_success() -> None:
+    """After an outage the informer must be back within about a second (a 30 s backoff once
+    delayed the first change after a 20 s outage by 23.8 s); refusals that need a fix back off
+    longer; 429's Retry-After is honoured; a list or a delivering watch resets both."""
+    refused_tls = httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED]")
+    refused_tls.__cause__ = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cut_tls = httpx.ConnectError("[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol")
+    cut_tls.__cause__ = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")  # a relay without a backend
+    plan: list[Callable[[httpx.Request], httpx.Response]] = []
+
+    def fail(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
+        def raise_(request: httpx.Request) -> httpx.Response:
+            raise exc
+        return raise_
+
+    def status(code: int, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
+        return lambda r: httpx.Response(code, headers=headers, json={"kind": "Status", "code": code, "message": "no"})
+
+    plan += [fail(httpx.ConnectError("connection refused"))] * 10          # waits 0-9
+    plan += [status(403)] * 6                                              # waits 10-15
+    plan += [status(429, **{"Retry-After": "7"})]                          # wait 16
+    plan += [status(503)] * 3                                              # waits 17-19
+    plan += [lambda r: httpx.Response(200, json={"metadata": {"resourceVersion": "5"}, "items": [ns_obj("a", 5)]}),
+             lambda r: httpx.Response(200, content=event("BOOKMARK", {"metadata": {"resourceVersion": "6"}}))]
+    plan += [fail(httpx.RemoteProtocolError("Server disconnected"))]       # wait 20: reset by the watch
+    plan += [status(401)]                                                  # wait 21: reset too
+    plan += [fail(refused_tls)] * 4                                        # waits 22-25
+    plan += [fail(cut_tls)] * 3                                            # waits 26-28
+    script = Script()
+    script.responses = plan
+    inf, rec = informer(script)
+    waits = RecordedWaits(29)
+    inf._stop = waits
+    inf._run()
+    d = waits.delays
+    assert len(d) == 29 and rec.names() == {"a"}
+    assert all(x <= 1.0 for x in d[:10]) and 0.25 <= d[0] <= 0.5, d[:10]          # unreachable: at most 1 s
+    assert 0.25 <= d[10] <= 0.5 and 8 <= d[15] <= 16, d[10:16]                     # refused: its own counter, growing
+    assert d[16] >= 7                                                              # Retry-After
+    assert all(x <= 1.0 for x in d[17:20]), d[17:20]                               # 5xx: unreachable
+    assert 0.25 <= d[20] <= 0.5 and 0.25 <= d[21] <= 0.5, d[20:22]                 # reset by the list and the watch
+    assert 4 <= d[25] <= 8, d[22:26]                                               # TLS refused: continues past 1 s
+    assert all(x <= 1.0 for x in d[26:]), d[26:]                                   # a handshake cut short: unreachable
+    assert len({round(x, 6) for x in d[1:10]}) > 1                                 # jittered
 
 
 # ---- kubeconfig ------------------------------------------------------------------------------

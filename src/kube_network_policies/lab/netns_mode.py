@@ -97,7 +97,8 @@ class Agent:
             sys.executable, "-m", "kube_network_policies", "run",
             *(["--manifests", str(manifests)] if manifests is not None else ["--kubeconfig", str(kubeconfig)]),
             "--hostname-override", node,
-            "-metrics-bind-address", f"127.0.0.1:{port}", *flags,
+            # Loopback of the node namespace, so the lab's tools may see every detail.
+            "-metrics-bind-address", f"127.0.0.1:{port}", "-status-details", *flags,
         ]
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -77,8 +77,21 @@ LIST_TIMEOUT_S = 60.0  # per page: a read that stalls this long is a failed list
 # without a byte means the connection is dead (TCP keepalives catch most such cases sooner).
 WATCH_READ_TIMEOUT_S = 150.0
 WATCH_TIMEOUT_RANGE_S = (240, 480)  # timeoutSeconds, random: watches of many agents do not end together
+# Reconnect backoff: exponential with jitter from BACKOFF_BASE_S, reset by a list or a watch that
+# delivers; capped by what the failure says.
+# - Unreachable (connection refused or cut, timeouts, 5xx, a watch that ends at once): the API
+#   server is restarting or a network is healing; nothing on our side needs fixing, and the first
+#   change after it returns must be enforced within a couple of seconds. At most
+#   UNREACHABLE_CAP_S apart: a refused connect costs the server nothing, and the jitter (half
+#   to all of the delay) spreads the reconnects of many agents.
+# - Refused (401, 403, 404: credentials, RBAC, a CRD not installed; TLS verification): the same
+#   request fails the same way until someone fixes the configuration. Up to BACKOFF_CAP_S apart,
+#   so that thousands of agents do not hammer the server with it; its own counter, so that a
+#   refusal during an API server's start-up does not inherit the outage's attempts.
+# - 429 Too Many Requests: the server's Retry-After (at most BACKOFF_CAP_S), if longer.
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+UNREACHABLE_CAP_S = 1.0
 PRODUCTIVE_WATCH_S = 10.0  # a watch that lasted this long (or got events) resets the backoff
 TOKEN_FILE_REREAD_S = 60.0  # in-cluster tokens are rotated by the kubelet; client-go re-reads each minute
 
@@ -788,6 +801,23 @@ def backoff_delay(attempt: int, base: float = BACKOFF_BASE_S, cap: float = BACKO
     return delay * (0.5 + 0.5 * jitter)
 
 
+def _tls_refused(exc: BaseException) -> bool:
+    """A TLS handshake refused over certificates (not trusted, wrong name, our client
+    certificate rejected) or TLS spoken to plain HTTP: configuration, not an outage. A handshake
+    cut short (EOF, reset: a relay or load balancer without a backend) is an outage."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        reason = str(getattr(cur, "reason", "") or "") if isinstance(cur, ssl.SSLError) else ""
+        if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason or reason == "WRONG_VERSION_NUMBER":
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _api_error(response: httpx.Response) -> ApiError:
     reason, message = "", ""
     try:
@@ -821,6 +851,7 @@ class Informer:
         transport: httpx.BaseTransport | None = None,
         backoff_base: float = BACKOFF_BASE_S,
         backoff_cap: float = BACKOFF_CAP_S,
+        unreachable_cap: float = UNREACHABLE_CAP_S,
         watch_timeout: tuple[int, int] = WATCH_TIMEOUT_RANGE_S,
         read_timeout: float = WATCH_READ_TIMEOUT_S,
     ) -> None:
@@ -837,6 +868,8 @@ class Informer:
         self._sink = sink
         self._transport = transport
         self._backoff = (backoff_base, backoff_cap)
+        self._unreachable_cap = unreachable_cap
+        self._failures = [0, 0]  # consecutive failures: [unreachable, refused]
         self._watch_timeout = watch_timeout
         self._read_timeout = read_timeout
         self._rng = random.Random()
@@ -883,20 +916,20 @@ class Informer:
 
     def _run(self) -> None:
         name = self.resource.name
-        attempt = 0
         need_list = True
         last_expiry = -1e9
         try:
             while not self._stop.is_set():
+                refused = False  # see BACKOFF_BASE_S: which backoff applies
                 try:
                     if need_list:
                         self._list()
                         need_list = False
-                        attempt = 0
+                        self._reset_backoff()
                     if self._stop.is_set():
                         break
                     if self._watch():
-                        attempt = 0
+                        self._reset_backoff()
                         continue
                     error: str = "the watch ended at once without events"
                     retry_after: float | None = None
@@ -913,31 +946,45 @@ class Informer:
                     error, retry_after, level = f"expired again at once: {exc}", None, logging.WARNING
                 except ApiError as exc:
                     error, retry_after = self._describe(exc), exc.retry_after
-                    level = logging.ERROR if 400 <= exc.code < 500 and exc.code != 429 else logging.WARNING
+                    refused = 400 <= exc.code < 500 and exc.code not in (408, 429)
+                    level = logging.ERROR if refused else logging.WARNING
                     if exc.code == 404:
                         need_list = True  # the resource went away (CRD deleted): list when it is back
                 except httpx.HTTPError as exc:
                     error, retry_after, level = f"{type(exc).__name__}: {exc or 'connection failed'}", None, logging.WARNING
+                    refused = _tls_refused(exc)
                 except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                     error, retry_after, level = f"{type(exc).__name__}: {exc}", None, logging.WARNING
                 except Exception as exc:  # a bug must not silently end the informer: log, back off, go on
                     log.exception("%s: unexpected error", name)
                     error, retry_after, level = f"unexpected {type(exc).__name__}: {exc}", None, logging.ERROR
+                    refused = True  # it will most likely happen again: no quick loop over it
                 if self._stop.is_set():
                     break
-                delay = backoff_delay(attempt, *self._backoff, rng=self._rng)
-                if retry_after is not None:
-                    delay = max(delay, min(retry_after, self._backoff[1]))
-                attempt += 1
+                delay = self._next_delay(refused, retry_after)
                 self.counters["errors"] += 1
                 self.last_error = error
-                if level == logging.WARNING and 3 <= attempt and attempt % 10:
+                failures = self._failures[0] + self._failures[1]
+                if level == logging.WARNING and 3 <= failures and failures % 10:
                     level = logging.DEBUG  # a long outage: the first failures, then every tenth
                 log.log(level, "%s: %s; retrying in %.1f s%s", name, error, delay, "" if self.synced else " (not synced yet)")
                 self._stop.wait(delay)
         finally:
             if self._client is not None:
                 self._client.close()
+
+    def _reset_backoff(self) -> None:
+        self._failures = [0, 0]
+
+    def _next_delay(self, refused: bool, retry_after: float | None) -> float:
+        """The wait before the next attempt after a failure (see BACKOFF_BASE_S)."""
+        base, cap = self._backoff
+        attempt = self._failures[refused]
+        self._failures[refused] = attempt + 1
+        delay = backoff_delay(attempt, base, cap if refused else min(cap, self._unreachable_cap), rng=self._rng)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, cap))
+        return delay
 
     def _describe(self, exc: ApiError) -> str:
         r = self.resource
@@ -1066,6 +1113,8 @@ class Informer:
                     try:
                         for line in lines:
                             if line.strip():
+                                if not events:
+                                    self._reset_backoff()  # the server delivers: whatever breaks next starts afresh
                                 events += 1
                                 self._event(line, changes)
                     finally:
