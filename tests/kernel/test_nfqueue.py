@@ -524,6 +524,31 @@ class TestKernel:
             client.close()
             q.close()
 
+    def test_many_marked_verdicts_are_split_between_messages(self, pair: netns.NetnsPair,
+                                                             listeners: dict[int, socket.socket]) -> None:
+        """One round of 2,000 individual verdicts (32 and 40 bytes mixed: over 64 KiB) goes out in
+        several sends, each cut between messages."""
+        q = bind(pair, judged_mark=JUDGED, max_batch=4096)
+        sends = sent_verdicts(q)
+        client = client_udp(pair)
+        listeners[UDP_MARKED].setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: hold them all
+        try:
+            count = 2000
+            for i in range(count):
+                client.sendto(b"%s%d" % (b"ja"[i % 2 : i % 2 + 1], i), (pair.server_ip4, UDP_MARKED))
+            assert wait_for(lambda: queue_stats(pair).queue_total == count)
+            assert q.process(mark_policy, 1.0) == count
+            assert len(sends) == 1 and len(sends[0]) == count
+            got = received_marks(listeners[UDP_MARKED], 0.5)
+            assert len(got) == count
+            assert all(mark == (ORIG_MARK | JUDGED if data[:1] == b"j" else ORIG_MARK) for data, mark in got.items())
+            assert queue_stats(pair).queue_total == 0
+            q.process(mark_policy, 0.1)
+            assert q.counters.verdict_errors == 0 and q.counters.send_errors == 0
+        finally:
+            client.close()
+            q.close()
+
     def test_judged_bit_never_batched_over_unseen_packets(self, pair: netns.NetnsPair,
                                                           listeners: dict[int, socket.socket]) -> None:
         """fail_open after a socket overrun: the kernel accepted what it could not deliver (without

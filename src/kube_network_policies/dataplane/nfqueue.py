@@ -636,12 +636,19 @@ class NfQueue:
         return parts
 
     def _send(self, data: bytes) -> None:
-        # Verdicts are 32 bytes; keep each send well under the default socket send buffer.
-        limit = 32 * 2048
+        # Keep each send well under the default socket send buffer, and split only between
+        # messages (verdicts are 32 or, with a mark, 40 bytes): the kernel reads a send as
+        # whole messages and would reject a cut one.
+        limit = 64 << 10
         try:
             while data:
-                self._sock.send(data[:limit])
-                data = data[limit:]
+                n = len(data)
+                if n > limit:
+                    n = 0
+                    while n < len(data) and n + _unpack_msg(data, n)[0] <= limit:
+                        n += _unpack_msg(data, n)[0]
+                self._sock.send(data[:n])
+                data = data[n:]
             self._unsent = b""
         except OSError as e:
             self._unsent = data
