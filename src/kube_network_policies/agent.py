@@ -568,7 +568,11 @@ class Agent:
     def _spawn(self, ctx: Any, queue_num: int) -> _Worker:
         cfg = self.config
         parent, child = ctx.Pipe()
-        wc = WorkerConfig(queue_num=queue_num, node=cfg.node, features=cfg.features, fail_open=cfg.fail_open)
+        # The worker marks what the engine accepted with the ruleset's judged bit: the accept cache
+        # takes only those (dataplane/nftables.py).
+        rc = self._ruleset.config if self._ruleset is not None else None
+        judged = rc.judged_mark if rc is not None and rc.accept_cache else 0
+        wc = WorkerConfig(queue_num=queue_num, node=cfg.node, features=cfg.features, fail_open=cfg.fail_open, judged_mark=judged)
         # The child must not keep our ends of the pipes (its own and other workers'): if this
         # process dies without a shutdown, the worker has to see EOF and exit, unbinding its queue.
         inherited = [parent, *(w.conn for w in self._workers)]

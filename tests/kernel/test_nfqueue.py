@@ -7,6 +7,7 @@ The first tests need neither (wire format, /proc parsing).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import socket
@@ -21,6 +22,10 @@ import netns
 import pytest
 
 from kube_network_policies.dataplane.nfqueue import (
+    ACCEPT,
+    ACCEPT_JUDGED,
+    DEFAULT_COPY_RANGE,
+    DROP,
     NF_ACCEPT,
     NF_DROP,
     NfQueue,
@@ -35,6 +40,12 @@ from kube_network_policies.engine.flow import Flow
 QUEUE = 100
 TCP_ACCEPT, TCP_DROP, TCP_RAISE = 80, 81, 82
 UDP_ACCEPT, UDP_DROP = 90, 91
+# Datagrams to UDP_MARKED arrive with mark ORIG_MARK (set in mangle before the queue), to
+# UDP_UNMARKED with none; the payload's first byte says what decide() answers (mark_policy).
+UDP_MARKED, UDP_UNMARKED = 92, 93
+ORIG_MARK, JUDGED = 0x2000, 0x1000
+SO_RCVMARK = 75  # linux/socket.h (5.19+): the packet's mark as a SO_MARK control message
+SO_MARK = 36
 DROPPED_AFTER = 1.2  # seconds a dropped SYN/datagram is waited for (first SYN retransmit: 1 s)
 
 
@@ -70,10 +81,21 @@ def test_encode_verdict_layout() -> None:
     assert struct.unpack_from("!II", batch, 24) == (NF_ACCEPT, 42)
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_encode_verdict_with_mark(batch: bool) -> None:
+    msg = encode_verdict(100, 7, NF_ACCEPT, batch=batch, mark=0x80003000)
+    assert len(msg) == 40
+    assert struct.unpack_from("=IH", msg) == (40, (3 << 8) | (3 if batch else 1))
+    assert struct.unpack_from("!II", msg, 24) == (NF_ACCEPT, 7)
+    assert struct.unpack_from("=HH", msg, 32) == (8, 3)  # NFQA_MARK
+    assert struct.unpack_from("!I", msg, 36) == (0x80003000,)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"queue_num": -1}, {"queue_num": 65536}, {"queue_num": 1, "copy_range": 0},
-     {"queue_num": 1, "max_len": 0}, {"queue_num": 1, "max_batch": 0}],
+     {"queue_num": 1, "copy_range": 65532}, {"queue_num": 1, "max_len": 0}, {"queue_num": 1, "max_batch": 0},
+     {"queue_num": 1, "judged_mark": -1}, {"queue_num": 1, "judged_mark": 1 << 32}],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -93,6 +115,10 @@ def pair() -> Iterator[netns.NetnsPair]:
                          "-j", "NFQUEUE", "--queue-num", str(QUEUE))
         p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_ACCEPT}:{UDP_DROP}",
                      "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+        p.server.run("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", str(UDP_MARKED),
+                     "-j", "MARK", "--set-mark", hex(ORIG_MARK))
+        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_MARKED}:{UDP_UNMARKED}",
+                     "-j", "NFQUEUE", "--queue-num", str(QUEUE))
         yield p
 
 
@@ -104,9 +130,10 @@ def listeners(pair: netns.NetnsPair) -> Iterator[dict[int, socket.socket]]:
         for port in (80, 81, 82, 83):
             socks[port] = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
                                                backlog=512)
-        for port in (UDP_ACCEPT, UDP_DROP):
+        for port in (UDP_ACCEPT, UDP_DROP, UDP_MARKED, UDP_UNMARKED):
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.bind((pair.server_ip4, port))
+            u.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
             socks[port] = u
     yield socks
     for s in socks.values():
@@ -125,6 +152,46 @@ def port_policy(payload: memoryview) -> bool:
     if flow.dst_port == TCP_RAISE:
         raise RuntimeError("policy engine exploded")
     return flow.dst_port in (TCP_ACCEPT, UDP_ACCEPT, 83)
+
+
+def mark_policy(payload: memoryview) -> int:
+    """The first byte of the UDP payload decides: j = ACCEPT_JUDGED, a = ACCEPT, else DROP."""
+    flow = parse_packet(payload)
+    assert isinstance(flow, Flow) and flow.dst_port in (UDP_MARKED, UDP_UNMARKED)
+    return {ord("j"): ACCEPT_JUDGED, ord("a"): ACCEPT}.get(payload[28], DROP)
+
+
+def received_marks(sock: socket.socket, timeout: float) -> dict[bytes, int]:
+    """Datagram -> the mark it arrived with (SO_RCVMARK), until `timeout` passes without one."""
+    sock.settimeout(timeout)
+    got: dict[bytes, int] = {}
+    with contextlib.suppress(TimeoutError):
+        while True:
+            data, ancillary, _, _ = sock.recvmsg(2048, socket.CMSG_SPACE(4))
+            marks = [struct.unpack("=I", d[:4])[0] for level, kind, d in ancillary if (level, kind) == (socket.SOL_SOCKET, SO_MARK)]
+            got[data] = marks[0] if marks else 0
+    return got
+
+
+def sent_verdicts(q: NfQueue) -> list[list[tuple[str, int, int | None]]]:
+    """Wrap q._send: per send, the verdict messages in it as (kind, verdict, mark or None)."""
+    sends: list[list[tuple[str, int, int | None]]] = []
+    real = q._send
+
+    def send(data: bytes) -> None:
+        out = []
+        off = 0
+        while off < len(data):
+            length, mtype = struct.unpack_from("=IH", data, off)
+            verdict = struct.unpack_from("!I", data, off + 24)[0]
+            mark = struct.unpack_from("!I", data, off + 36)[0] if length == 40 else None
+            out.append(("batch" if mtype & 0xFF == 3 else "single", verdict, mark))
+            off += length
+        sends.append(out)
+        real(data)
+
+    q._send = send  # type: ignore[method-assign]
+    return sends
 
 
 def bind(pair: netns.NetnsPair, **kwargs: Any) -> NfQueue:
@@ -156,11 +223,29 @@ def consuming(q: NfQueue, decide: Callable[[memoryview], bool]) -> Iterator[NfQu
     assert not failure, f"consumer crashed: {failure[0]!r}"
 
 
-def connect(pair: netns.NetnsPair, port: int, *, v6: bool = False, timeout: float = 3.0) -> str:
-    """TCP connect from the client namespace: "connected", "timeout" or "refused"."""
+def destination_options(size: int) -> bytes:
+    """An IPv6 destination options header of `size` bytes (multiple of 8, below 2048) for
+    IPV6_DSTOPTS: unknown options of type 0x1e (RFC 3692 experiment; skipped by receivers, which
+    accept up to 8 of them: net.ipv6.max_dst_opts_number).
+    The kernel fills in the next-header byte."""
+    body = b""
+    left = size - 2
+    while left:
+        n = min(255, left - 2)
+        body += bytes([0x1E, n]) + bytes(n)
+        left -= n + 2
+    return bytes([0, size // 8 - 1]) + body
+
+
+def connect(pair: netns.NetnsPair, port: int, *, v6: bool = False, timeout: float = 3.0, options: int = 0) -> str:
+    """TCP connect from the client namespace: "connected", "timeout" or "refused". options: size
+    of a destination options header on every packet (IPv6), the SYN included."""
+    v6 = v6 or bool(options)
     family = socket.AF_INET6 if v6 else socket.AF_INET
     with pair.client.entered():
         s = socket.socket(family, socket.SOCK_STREAM)
+    if options:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, destination_options(options))
     s.settimeout(timeout)
     try:
         s.connect((pair.server_ip6 if v6 else pair.server_ip4, port))
@@ -216,6 +301,40 @@ class TestKernel:
         assert c.accepted >= 2 and c.dropped >= 1  # SYNs may be retransmitted on a slow machine
         assert (c.decide_errors, c.verdict_errors, c.bad_messages, c.overruns) == (0, 0, 0, 0)
 
+    @pytest.mark.parametrize("options", [200, 1024])
+    def test_ports_behind_long_ipv6_options_are_read(self, pair: netns.NetnsPair,
+                                                     listeners: dict[int, socket.socket], options: int) -> None:
+        """The whole packet is copied: a SYN whose TCP header sits past byte 128 (where a
+        headers-only copy range ended) is judged on its real port."""
+        seen: list[int] = []
+
+        def policy(payload: memoryview) -> bool:
+            seen.append(len(payload))
+            return port_policy(payload)
+
+        with consuming(bind(pair), policy) as q:
+            assert connect(pair, TCP_ACCEPT, options=options) == "connected"
+            assert connect(pair, TCP_DROP, options=options, timeout=DROPPED_AFTER) == "timeout"
+        assert min(seen) >= 40 + options + 20
+        assert q.counters.accepted >= 1 and q.counters.dropped >= 1
+
+    def test_large_first_packet_is_copied_whole(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
+        lengths: list[int] = []
+
+        def policy(payload: memoryview) -> bool:
+            lengths.append(len(payload))
+            return port_policy(payload)
+
+        client = client_udp(pair)
+        try:
+            with consuming(bind(pair), policy):
+                client.sendto(bytes(60000), (pair.server_ip4, UDP_ACCEPT))
+                listeners[UDP_ACCEPT].settimeout(1.0)
+                assert len(listeners[UDP_ACCEPT].recv(65536)) == 60000
+        finally:
+            client.close()
+        assert lengths == [20 + 8 + 60000]  # reassembled before INPUT, copied in full
+
     def test_udp_accepted_and_dropped(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         client = client_udp(pair)
         with consuming(bind(pair), port_policy) as q:
@@ -266,7 +385,7 @@ class TestKernel:
     def test_stats_reader_sees_the_queue(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         with consuming(bind(pair), port_policy) as q:
             first = queue_stats(pair)
-            assert (first.queue_num, first.peer_portid, first.copy_mode, first.copy_range) == (QUEUE, q.portid, 2, 128)
+            assert (first.queue_num, first.peer_portid, first.copy_mode, first.copy_range) == (QUEUE, q.portid, 2, DEFAULT_COPY_RANGE)
             assert connect(pair, TCP_ACCEPT) == "connected"
             assert connect(pair, 83) == "connected"
             stats = queue_stats(pair)
@@ -360,6 +479,109 @@ class TestKernel:
             assert len(q._backlog) == 1
             assert q.process(port_policy, 0) == 1
             assert received(listeners[UDP_ACCEPT], 0.5) == [b"early"]
+            assert queue_stats(pair).queue_total == 0
+        finally:
+            client.close()
+            q.close()
+
+    def test_judged_accepts_carry_the_judged_bit(self, pair: netns.NetnsPair,
+                                                 listeners: dict[int, socket.socket]) -> None:
+        """ACCEPT_JUDGED adds the judged bit to the packet's own mark (read from NFQA_MARK, absent
+        when 0); ACCEPT leaves the mark alone. One batch only where every accept wants one mark."""
+        q = bind(pair, judged_mark=JUDGED)
+        sends = sent_verdicts(q)
+        client = client_udp(pair)
+
+        def round_of(*datagrams: tuple[bytes, int]) -> dict[bytes, int]:
+            for data, port in datagrams:
+                client.sendto(data, (pair.server_ip4, port))
+            assert wait_for(lambda: queue_stats(pair).queue_total == len(datagrams))
+            assert q.process(mark_policy, 1.0) == len(datagrams)
+            got = received_marks(listeners[UDP_MARKED], 0.3)
+            got.update(received_marks(listeners[UDP_UNMARKED], 0.05))
+            return got
+
+        try:
+            # All judged, one original mark: one batch verdict carrying ORIG_MARK | JUDGED.
+            assert round_of(*((b"j%d" % i, UDP_MARKED) for i in range(5))) == {b"j%d" % i: ORIG_MARK | JUDGED for i in range(5)}
+            assert sends[-1] == [("batch", NF_ACCEPT, ORIG_MARK | JUDGED)]
+            # Judged and plain accepts (and drops) mixed: a batch would mark them all alike.
+            got = round_of((b"j1", UDP_MARKED), (b"a1", UDP_MARKED), (b"d1", UDP_MARKED), (b"j2", UDP_MARKED), (b"a2", UDP_MARKED))
+            assert got == {b"j1": ORIG_MARK | JUDGED, b"a1": ORIG_MARK, b"j2": ORIG_MARK | JUDGED, b"a2": ORIG_MARK}
+            assert collections.Counter(sends[-1]) == {("single", NF_DROP, None): 1, ("single", NF_ACCEPT, None): 2,
+                                                      ("single", NF_ACCEPT, ORIG_MARK | JUDGED): 2}
+            # Judged, with different original marks (none: no NFQA_MARK in the message).
+            assert round_of((b"j3", UDP_UNMARKED), (b"j4", UDP_MARKED)) == {b"j3": JUDGED, b"j4": ORIG_MARK | JUDGED}
+            assert [v[2] for v in sends[-1]] == [JUDGED, ORIG_MARK | JUDGED]
+            # Only plain accepts: one batch without a mark.
+            assert round_of((b"a3", UDP_MARKED), (b"a4", UDP_UNMARKED)) == {b"a3": ORIG_MARK, b"a4": 0}
+            assert sends[-1] == [("batch", NF_ACCEPT, None)]
+            assert len(sends) == 4  # one send per round
+            assert queue_stats(pair).queue_total == 0
+            q.process(mark_policy, 0.1)
+            assert q.counters.verdict_errors == 0
+        finally:
+            client.close()
+            q.close()
+
+    def test_many_marked_verdicts_are_split_between_messages(self, pair: netns.NetnsPair,
+                                                             listeners: dict[int, socket.socket]) -> None:
+        """One round of 2,000 individual verdicts (32 and 40 bytes mixed: over 64 KiB) goes out in
+        several sends, each cut between messages."""
+        q = bind(pair, judged_mark=JUDGED, max_batch=4096)
+        sends = sent_verdicts(q)
+        client = client_udp(pair)
+        listeners[UDP_MARKED].setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: hold them all
+        try:
+            count = 2000
+            for i in range(count):
+                client.sendto(b"%s%d" % (b"ja"[i % 2 : i % 2 + 1], i), (pair.server_ip4, UDP_MARKED))
+            assert wait_for(lambda: queue_stats(pair).queue_total == count)
+            assert q.process(mark_policy, 1.0) == count
+            assert len(sends) == 1 and len(sends[0]) == count
+            got = received_marks(listeners[UDP_MARKED], 0.5)
+            assert len(got) == count
+            assert all(mark == (ORIG_MARK | JUDGED if data[:1] == b"j" else ORIG_MARK) for data, mark in got.items())
+            assert queue_stats(pair).queue_total == 0
+            q.process(mark_policy, 0.1)
+            assert q.counters.verdict_errors == 0 and q.counters.send_errors == 0
+        finally:
+            client.close()
+            q.close()
+
+    def test_judged_bit_never_batched_over_unseen_packets(self, pair: netns.NetnsPair,
+                                                          listeners: dict[int, socket.socket]) -> None:
+        """fail_open after a socket overrun: the kernel accepted what it could not deliver (without
+        the judged bit); until the overrun is behind us, judged accepts go out one by one."""
+        q = bind(pair, rcvbuf=8192, fail_open=True, judged_mark=JUDGED)
+        sends = sent_verdicts(q)
+        client = client_udp(pair)
+        try:
+            start = queue_stats(pair).id_sequence
+            for i in range(200):
+                client.sendto(b"j%d" % i, (pair.server_ip4, UDP_MARKED))
+            # With fail-open an undeliverable message is accepted at once, not counted as dropped.
+            assert wait_for(lambda: queue_stats(pair).id_sequence - start == 200)
+            assert queue_stats(pair).queue_total < 200
+            first = q.process(mark_policy, 1.0)
+            assert 0 < first < 200 and q.counters.overruns == 1
+            assert all(kind == "single" for kind, _, _ in sends[-1]) and len(sends[-1]) == first
+            got = received_marks(listeners[UDP_MARKED], 0.5)
+            assert len(got) == 200  # fail-open: the kernel accepted the rest unjudged
+            assert sorted(got.values()).count(ORIG_MARK | JUDGED) == first
+            assert sorted(got.values()).count(ORIG_MARK) == 200 - first
+            # Once the overrun is behind us, batching with the mark resumes.
+            for i in range(3):
+                client.sendto(b"j-again-%d" % i, (pair.server_ip4, UDP_MARKED))
+            assert wait_for(lambda: queue_stats(pair).queue_total == 3)
+            assert q.process(mark_policy, 1.0) == 3
+            assert sends[-1] == [("single", NF_ACCEPT, ORIG_MARK | JUDGED)] * 3
+            for i in range(3):
+                client.sendto(b"j-later-%d" % i, (pair.server_ip4, UDP_MARKED))
+            assert wait_for(lambda: queue_stats(pair).queue_total == 3)
+            assert q.process(mark_policy, 1.0) == 3
+            assert sends[-1] == [("batch", NF_ACCEPT, ORIG_MARK | JUDGED)]
+            assert set(received_marks(listeners[UDP_MARKED], 0.3).values()) == {ORIG_MARK | JUDGED}
             assert queue_stats(pair).queue_total == 0
         finally:
             client.close()

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ from typing import Any
 import netns  # tests/kernel/netns.py: namespace helpers shared by the kernel tests
 import pytest
 
+from kube_network_policies.dataplane.nfqueue import ACCEPT, ACCEPT_JUDGED, NfQueue
 from kube_network_policies.dataplane.nftables import TABLE, Backend, RulesetConfig, base_chains
+from kube_network_policies.dataplane.packet import parse_packet
 from kube_network_policies.dataplane.ruleset import CommandError, Ruleset, detect_backend
+from kube_network_policies.engine.flow import Flow
 
 pytestmark = pytest.mark.kernel
 
@@ -378,30 +382,46 @@ def cached(t: Topology) -> set[tuple[str, str, str, int]]:
     return {tuple(json.loads(e)["elem"]["val"]["concat"]) for e in sets["accepted-v4"] | sets["accepted-v6"]}
 
 
-def test_accept_cache_holds_what_came_back_from_the_queue(topo: Topology, backend: Backend) -> None:
-    """Without a listener: fail-closed drops diverted packets, so nothing is remembered; fail-open
-    bypasses the queue and the packet comes back through the chain after it, so its tuple IS
-    remembered (an unjudged accept: why entries only ever live ACCEPT_CACHE_TIMEOUT_S, and why
-    the agent's start-up sync empties the sets). flush_cache() and every sync empty them."""
+def test_accept_cache_holds_only_what_the_engine_judged(topo: Topology, backend: Backend) -> None:
+    """Only packets whose verdict carries the judged bit are remembered. Without a listener,
+    fail-closed drops diverted packets and fail-open bypasses the queue: no verdict, nothing
+    remembered (before the judged bit, bypassed tuples were). With a consumer, an accept marked
+    judged is remembered, a plain accept is not. flush_cache() and every sync empty the sets."""
     closed = Ruleset(RulesetConfig(backend=backend), netns=topo.node)
     closed.sync(["10.99.1.2"], ["fd99:1::2"])
     assert not topo.connect(topo.peer, "10.99.1.2") and not topo.connect(topo.peer, "fd99:1::2")
     assert cached(topo) == set()
-    opened = Ruleset(RulesetConfig(backend=backend, fail_open=True), netns=topo.node)
+    config = RulesetConfig(backend=backend, fail_open=True)
+    opened = Ruleset(config, netns=topo.node)
     opened.sync(["10.99.1.2"], ["fd99:1::2"])
     assert topo.connect(topo.peer, "10.99.1.2") and topo.connect(topo.peer, "fd99:1::2")
     assert topo.connect(topo.pod, "10.99.1.1")  # pod to its node: the input chain
-    assert cached(topo) == {
-        ("10.99.2.2", "10.99.1.2", "tcp", PORT),
-        ("fd99:2::2", "fd99:1::2", "tcp", PORT),
-        ("10.99.1.2", "10.99.1.1", "tcp", PORT),
-    }
-    opened.flush_cache()
-    assert cached(topo) == set()
-    assert topo.connect(topo.peer, "10.99.1.2")
-    assert len(cached(topo)) == 1
-    opened.sync(["10.99.1.2"], ["fd99:1::2"])
-    assert cached(topo) == set()
+    assert cached(topo) == set(), "accepted by the kernel without a verdict (bypass)"
+
+    def judge_ipv4_only(payload: memoryview) -> int:
+        flow = parse_packet(payload)
+        return ACCEPT_JUDGED if isinstance(flow, Flow) and len(flow.src_ip) == 4 else ACCEPT
+
+    with netns.Netns(topo.node).entered():
+        queue = NfQueue(config.queue_id, fail_open=True, judged_mark=config.judged_mark)
+    stop = threading.Event()
+    consumer = threading.Thread(target=queue.run, args=(judge_ipv4_only, stop, 0.05), daemon=True)
+    consumer.start()
+    try:
+        assert topo.connect(topo.peer, "10.99.1.2") and topo.connect(topo.peer, "fd99:1::2")
+        assert topo.connect(topo.pod, "10.99.1.1")
+        assert cached(topo) == {("10.99.2.2", "10.99.1.2", "tcp", PORT), ("10.99.1.2", "10.99.1.1", "tcp", PORT)}
+        opened.flush_cache()
+        assert cached(topo) == set()
+        assert topo.connect(topo.peer, "10.99.1.2")
+        assert len(cached(topo)) == 1
+        opened.sync(["10.99.1.2"], ["fd99:1::2"])
+        assert cached(topo) == set()
+    finally:
+        stop.set()
+        consumer.join(5)
+        queue.close()
+    assert queue.counters.accepted >= 4 and queue.counters.verdict_errors == 0
 
 
 # --- shutdown -------------------------------------------------------------------------------

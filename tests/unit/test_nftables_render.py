@@ -138,13 +138,16 @@ CACHE_RULES = [
     'ip saddr . ip daddr . meta l4proto . th dport @accepted-v4 accept comment "accepted before (accept cache)"',
     'ip6 saddr . ip6 daddr . meta l4proto . th dport @accepted-v6 accept comment "accepted before (accept cache)"',
 ]
+# Only packets with the queueing AND the judged bit (0x1000: the worker's verdict) are cached.
 REMEMBER = [
-    "meta mark and 0x00002000 == 0x00002000 meta l4proto { tcp, udp, sctp } "
-    'add @accepted-v4 { ip saddr . ip daddr . meta l4proto . th dport } comment "accepted by the agent: remember"',
-    "meta mark and 0x00002000 == 0x00002000 meta l4proto { tcp, udp, sctp } "
-    'add @accepted-v6 { ip6 saddr . ip6 daddr . meta l4proto . th dport } comment "accepted by the agent: remember"',
-    'meta mark and 0x00002000 == 0x00002000 meta mark set meta mark and 0xffffdfff comment "clear the queueing mark bit"',
+    "meta mark and 0x00003000 == 0x00003000 meta l4proto { tcp, udp, sctp } "
+    'add @accepted-v4 { ip saddr . ip daddr . meta l4proto . th dport } comment "judged and accepted by the agent: remember"',
+    "meta mark and 0x00003000 == 0x00003000 meta l4proto { tcp, udp, sctp } "
+    'add @accepted-v6 { ip6 saddr . ip6 daddr . meta l4proto . th dport } comment "judged and accepted by the agent: remember"',
+    'meta mark and 0x00002000 == 0x00002000 meta mark set meta mark and 0xffffcfff comment "clear the queueing and judged mark bits"',
 ]
+# Set the queueing bit, clear the judged bit: only the worker's verdict may set it.
+SET_MARK = "meta mark set meta mark and 0xffffefff or 0x00002000"
 
 
 def test_accept_cache_is_on_by_default() -> None:
@@ -172,7 +175,7 @@ def test_accept_cache_lookups_come_right_before_the_diverts(config: RulesetConfi
     assert inp[5].startswith("ip saddr @podips-v4 ")
     # Every divert marks the packet, so the chain after the queue knows it came back accepted.
     diverts = [r for r in post + inp if "@podips" in r]
-    assert len(diverts) == 6 and all("meta mark set meta mark or 0x00002000 " in r for r in diverts)
+    assert len(diverts) == 6 and all(f"{SET_MARK} " in r for r in diverts)
 
 
 def test_accept_cache_nft_queue_marks_before_queueing_and_remembers_after() -> None:
@@ -187,7 +190,7 @@ def test_accept_cache_nft_queue_marks_before_queueing_and_remembers_after() -> N
     ]
     assert chains["postrouting-unmark"].priority < 100
     diverts = [r for r in rules(text, "postrouting") if "@podips" in r]
-    assert all(" meta mark set meta mark or 0x00002000 queue num 100 comment" in r for r in diverts)
+    assert all(f" {SET_MARK} queue num 100 comment" in r for r in diverts)
     for chain in ("postrouting-unmark", "input-unmark"):
         assert rules(text, chain) == REMEMBER
     assert xt_rules(NFT) == ()
@@ -200,7 +203,7 @@ def test_accept_cache_xt_remembers_in_the_unmark_chains() -> None:
         # Separate rules: a full set fails its `add` (ending that rule), the mark is still cleared.
         assert rules(text, chain) == REMEMBER
     diverts = [r for r in rules(text, "postrouting") if "@podips" in r]
-    assert len(diverts) == 4 and all(" meta mark set meta mark or 0x00002000 accept comment" in r for r in diverts)
+    assert len(diverts) == 4 and all(f" {SET_MARK} accept comment" in r for r in diverts)
 
 
 @pytest.mark.parametrize("config", [NFT_PLAIN, XT_PLAIN])
@@ -212,8 +215,8 @@ def test_without_accept_cache_nothing_of_it_is_rendered(config: RulesetConfig) -
 
 def test_xt_custom_mark() -> None:
     text = render(RulesetConfig(backend=Backend.XT_NFQUEUE, mark=0x10000000), ["10.0.0.1"], [])
-    assert "meta mark or 0x10000000 accept" in text
-    assert "meta mark and 0xefffffff" in text
+    assert "meta mark and 0xffffefff or 0x10000000 accept" in text
+    assert "meta mark and 0xefffefff" in text
 
 
 def test_fail_open_does_not_change_xt_nft_text() -> None:

@@ -21,6 +21,17 @@ Kernel facts this relies on (net/netfilter/nfnetlink_queue.c):
   "individual verdicts" and normal batching resumes on its own one round later. With
   fail_open, accepting an unseen packet is the configured behaviour, so batching continues.
 
+Verdicts and the accept cache (dataplane/nftables.py): `decide` answers DROP, ACCEPT or
+ACCEPT_JUDGED (the engine accepted the packet's full tuple; False and True work as DROP and
+ACCEPT). With `judged_mark`, an ACCEPT_JUDGED verdict carries NFQA_MARK = the packet's own mark
+(NFQA_MARK of its message, present when nonzero) | judged_mark, and the ruleset caches only
+packets that come back with that bit: never what the kernel accepted unjudged (no listener, full
+queue) nor what we accepted without a verdict on the tuple. A batch verdict sets its NFQA_MARK on
+EVERY packet it covers, so a round's accepts share one batch only when they all want the same
+mark (the usual case: all judged, all with the ruleset's one queueing mark), and a batch with the
+judged bit is never sent while an id we did not see could be queued (after an overrun); otherwise
+the accepts go out one by one, still in the round's one send.
+
 `python -m kube_network_policies.dataplane.nfqueue --bench` (root) measures CPU per packet.
 """
 
@@ -44,8 +55,11 @@ from types import TracebackType
 from typing import Final, NamedTuple
 
 __all__ = [
+    "ACCEPT",
+    "ACCEPT_JUDGED",
     "DEFAULT_COPY_RANGE",
     "DEFAULT_MAX_LEN",
+    "DROP",
     "NfQueue",
     "NfQueueCounters",
     "NfQueueError",
@@ -76,6 +90,7 @@ NFQNL_MSG_VERDICT_BATCH: Final = 3
 
 NFQA_PACKET_HDR: Final = 1
 NFQA_VERDICT_HDR: Final = 2
+NFQA_MARK: Final = 3
 NFQA_PAYLOAD: Final = 10
 
 NFQA_CFG_CMD: Final = 1
@@ -92,18 +107,29 @@ NFQA_CFG_F_GSO: Final = 0x04
 NF_DROP: Final = 0
 NF_ACCEPT: Final = 1
 
-# Headers only: 60 bytes of IPv4 header with options + ports, or 40 bytes of IPv6 header
-# + 84 bytes of extension headers + ports. Copying less makes messages small, so more of them
-# fit in the socket buffer and each recv copies less.
-DEFAULT_COPY_RANGE: Final = 128
+# What `decide` returns (bools work too: False = DROP, True = ACCEPT).
+DROP: Final = 0
+ACCEPT: Final = 1  # accepted without a verdict on the full tuple: never cached
+ACCEPT_JUDGED: Final = 2  # the engine accepted this (source, destination, protocol, port)
+
+# The whole packet, up to the most a message can carry (NFQNL_MAX_COPY_RANGE = 0xffff minus an
+# attribute header): IPv6 extension headers have no length limit short of the packet's, and a
+# transport header we cannot see cannot be judged. The kernel copies min(copy range, packet
+# length), so a SYN costs what it did with a headers-only range; only a large first packet (a
+# big UDP datagram, a GSO burst: up to 64 KiB) costs its size in copying.
+DEFAULT_COPY_RANGE: Final = 0xFFFF - 4
 # The queue only ever holds the first packet of new connections. 4096 entries ride out a stall
 # of ~100 ms at the ~41k new connections/s this box can carry (a GC pause, a scheduling
 # hiccup); the kernel default of 1024 is ~25 ms. Much more buys nothing: a client retransmits
 # its SYN after 1 s, and a packet that waited that long is answered too late to matter.
 DEFAULT_MAX_LEN: Final = 4096
 # Receive-buffer memory per queued message as counted against SO_RCVBUF (skb truesize):
-# measured 832 bytes for a copy_range of 128 on this kernel; allow copy_range + 1 KiB.
+# measured 832 bytes for a SYN on this kernel, whatever the copy range. The buffer is sized for a
+# full queue of first packets up to _TYPICAL_PACKET bytes (+ 1 KiB); larger ones take more room
+# and can overflow the socket before the queue is full, which the kernel handles like a full
+# queue (dropped, or accepted unjudged with fail-open; either way never cached).
 _OVERHEAD_PER_MESSAGE: Final = 1024
+_TYPICAL_PACKET: Final = 256
 _MAX_RCVBUF: Final = 64 << 20
 # A whole message must fit one recv: a bigger one is truncated by the kernel and lost.
 _MESSAGE_OVERHEAD: Final = 4096
@@ -192,15 +218,18 @@ def _attr(atype: int, payload: bytes) -> bytes:
     return _nlattr.pack(_nlattr.size + len(payload), atype) + payload + bytes(-len(payload) % 4)
 
 
-def encode_verdict(queue_num: int, packet_id: int, verdict: int, *, batch: bool = False, seq: int = 0) -> bytes:
-    """One NFQNL_MSG_VERDICT (or _VERDICT_BATCH: every queued id up to packet_id) message."""
-    return _message(
-        _BATCH_TYPE if batch else _VERDICT_TYPE,
-        NLM_F_REQUEST,
-        seq,
-        queue_num,
-        _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)),
-    )
+def encode_verdict(queue_num: int, packet_id: int, verdict: int, *, batch: bool = False, seq: int = 0, mark: int | None = None) -> bytes:
+    """One NFQNL_MSG_VERDICT (or _VERDICT_BATCH: every queued id up to packet_id) message;
+    with `mark`, NFQA_MARK sets the packet's mark (a batch: of every packet it covers)."""
+    attrs = _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
+    if mark is not None:
+        attrs += _attr(NFQA_MARK, _pack_be32(mark))
+    return _message(_BATCH_TYPE if batch else _VERDICT_TYPE, NLM_F_REQUEST, seq, queue_num, attrs)
+
+
+def _mark_tail(mark: int) -> bytes:
+    """The NFQA_MARK attribute that follows the packet id in a marked verdict."""
+    return _nlattr.pack(8, NFQA_MARK) + _pack_be32(mark)
 
 
 def _config_message(queue_num: int, seq: int, *attrs: bytes) -> bytes:
@@ -226,10 +255,12 @@ class NfQueue:
     Not thread-safe: call process()/run() from one thread. The memoryview given to `decide`
     points into the receive buffer and is only valid during that call.
 
-    copy_range: bytes of each packet copied to us (headers only by default).
+    copy_range: bytes of each packet copied to us (the whole packet, up to 65,531, by default).
     max_len: kernel queue length; beyond it packets are dropped (accepted if fail_open).
     fail_open: NFQA_CFG_F_FAIL_OPEN, and the default verdict when decide() raises. It covers a
         full queue only: with no consumer bound, the rule's --queue-bypass decides.
+    judged_mark: the mark bit an ACCEPT_JUDGED verdict adds to the packet's mark (0: none, and
+        ACCEPT_JUDGED is a plain accept). See the module docstring.
     rcvbuf: socket receive buffer to request; default sized for max_len messages.
     max_batch: most packets read before answering, to bound the wait of the first one.
     Raises NfQueueError (an OSError with a readable message) when the queue cannot be bound.
@@ -244,6 +275,7 @@ class NfQueue:
         fail_open: bool = False,
         rcvbuf: int | None = None,
         max_batch: int = 1024,
+        judged_mark: int = 0,
     ) -> None:
         if not 0 <= queue_num <= 0xFFFF:
             raise ValueError(f"queue number {queue_num} is out of range 0-65535")
@@ -253,11 +285,14 @@ class NfQueue:
             raise ValueError(f"max_len {max_len} must be at least 1")
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch} must be at least 1")
+        if not 0 <= judged_mark <= 0xFFFFFFFF:
+            raise ValueError(f"judged_mark {judged_mark:#x} is not a 32-bit mark")
         self.queue_num = queue_num
         self.copy_range = copy_range
         self.max_len = max_len
         self.fail_open = fail_open
         self.max_batch = max_batch
+        self.judged_mark = judged_mark
         self.counters = NfQueueCounters()
         self.last_decide_error: str | None = None  # "Type: message" of the latest decide() failure
         self._seq = 0
@@ -271,6 +306,9 @@ class NfQueue:
         self._drop_prefix = encode_verdict(queue_num, 0, NF_DROP)[:-4]
         self._accept_prefix = encode_verdict(queue_num, 0, NF_ACCEPT)[:-4]
         self._batch_accept_prefix = encode_verdict(queue_num, 0, NF_ACCEPT, batch=True)[:-4]
+        # Marked verdicts: prefix + packet id + _mark_tail(mark).
+        self._accept_marked_prefix = encode_verdict(queue_num, 0, NF_ACCEPT, mark=0)[:-12]
+        self._batch_accept_marked_prefix = encode_verdict(queue_num, 0, NF_ACCEPT, batch=True, mark=0)[:-12]
         self._batch_reap_prefix = encode_verdict(queue_num, 0, NF_DROP, batch=True, seq=_REAP_SEQ)[:-4]
         self._closed = False
 
@@ -286,7 +324,7 @@ class NfQueue:
             # (CAP_NET_ADMIN, which NFQUEUE needs anyway) is not capped by net.core.rmem_max;
             # the kernel doubles the value for its bookkeeping.
             if rcvbuf is None:
-                per_message = copy_range + _OVERHEAD_PER_MESSAGE
+                per_message = min(copy_range, _TYPICAL_PACKET) + _OVERHEAD_PER_MESSAGE
                 rcvbuf = min(_MAX_RCVBUF, max(1 << 20, max_len * per_message // 2))
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
@@ -407,9 +445,11 @@ class NfQueue:
 
     # --- the packet path -----------------------------------------------------------------------
 
-    def process(self, decide: Callable[[memoryview], bool], timeout: float | None = None) -> int:
+    def process(self, decide: Callable[[memoryview], int], timeout: float | None = None) -> int:
         """Wait up to `timeout` seconds (None: for ever, 0: not at all) for packets, read all that
         are waiting (up to max_batch), answer them in one send, and return how many were handled.
+
+        decide(payload) returns DROP, ACCEPT or ACCEPT_JUDGED (or a bool).
         """
         if self._closed:
             raise NfQueueError(errno.EBADF, f"queue {self.queue_num} is closed")
@@ -422,9 +462,12 @@ class NfQueue:
         unpack_msg = _unpack_msg
         unpack_attr = _unpack_attr
         unpack_be32 = _unpack_be32
-        default = self.fail_open
+        default: int = ACCEPT if self.fail_open else DROP
         max_batch = self.max_batch
+        judged_mark = self.judged_mark
         accepts: list[int] = []
+        # With judged_mark: per accept, the mark its verdict sets, or -1 for none (parallel list).
+        marks: list[int] = []
         drops: list[int] = []
         last_id = 0
         handled = 0
@@ -469,6 +512,7 @@ class NfQueue:
                         end = off + mlen
                         a = off + 20
                         packet_id = -1
+                        mark = 0  # NFQA_MARK is only there when the packet's mark is nonzero
                         payload = None
                         while a + 4 <= end:
                             alen, atype = unpack_attr(buf, a)
@@ -479,9 +523,14 @@ class NfQueue:
                                 break
                             if atype == NFQA_PACKET_HDR and alen >= 8:
                                 packet_id = unpack_be32(buf, a + 4)[0]
+                            elif atype == NFQA_MARK and alen >= 8:
+                                mark = unpack_be32(buf, a + 4)[0]
                             a += (alen + 3) & ~3
                         if packet_id < 0:
-                            bad += 1  # cannot be answered; the kernel flushes it when we unbind
+                            # Cannot be answered. It stays queued, so treat it like a lost
+                            # message: no batch accept may reach it (see _reap).
+                            bad += 1
+                            self._reap = 1
                         else:
                             if payload is None:
                                 no_payload += 1
@@ -496,11 +545,18 @@ class NfQueue:
                                 except BaseException:
                                     # Stopping (KeyboardInterrupt, SystemExit): answer this packet
                                     # too, or a later batch verdict would accept it unjudged.
-                                    (accepts if default else drops).append(packet_id)
+                                    if default:
+                                        accepts.append(packet_id)
+                                        if judged_mark:
+                                            marks.append(-1)
+                                    else:
+                                        drops.append(packet_id)
                                     last_id = packet_id
                                     raise
                             if verdict:
                                 accepts.append(packet_id)
+                                if judged_mark:
+                                    marks.append(mark | judged_mark if verdict == ACCEPT_JUDGED else -1)
                             else:
                                 drops.append(packet_id)
                             last_id = packet_id
@@ -516,7 +572,7 @@ class NfQueue:
         finally:
             # Also on the way out of an exception (KeyboardInterrupt in decide, a socket error):
             # packets already decided must not stay queued.
-            self._finish_round(accepts, drops, last_id, reap_at_start)
+            self._finish_round(accepts, marks, drops, last_id, reap_at_start)
             c = self.counters
             c.decide_errors += decide_errors
             c.no_payload += no_payload
@@ -524,8 +580,11 @@ class NfQueue:
             c.bad_messages += bad
         return handled
 
-    def _finish_round(self, accepts: list[int], drops: list[int], last_id: int, reap_at_start: int) -> None:
-        """Count the round and send its verdicts (plus any left unsent earlier) in one go."""
+    def _finish_round(self, accepts: list[int], marks: list[int], drops: list[int], last_id: int, reap_at_start: int) -> None:
+        """Count the round and send its verdicts (plus any left unsent earlier) in one go.
+
+        marks: empty without judged_mark; else per accept the mark to set, -1 for none.
+        """
         if not accepts and not drops:
             if self._unsent:
                 self._send(self._unsent)
@@ -535,29 +594,61 @@ class NfQueue:
         c.accepted += len(accepts)
         c.dropped += len(drops)
         c.rounds += 1
-        if self._reap and not self.fail_open:
+        reaping = self._reap != 0
+        if reap_at_start == 2 and self._reap == 2:
+            self._reap = 0  # this round's ids all postdate the overrun: reaped, back to batching
+        if reaping and not self.fail_open:
             # Accept one by one, then drop everything else up to the last id seen: whatever is
             # still queued there is a packet we never saw, and it must not be accepted.
-            prefix = self._accept_prefix
-            parts = [prefix + _pack_be32(i) for i in accepts]
+            parts = self._one_by_one(accepts, marks)
             parts.append(self._batch_reap_prefix + _pack_be32(last_id))
-            if reap_at_start == 2 and self._reap == 2:
-                self._reap = 0  # this round's ids all postdate the overrun: reaped, back to batching
         else:
-            self._reap = 0 if self.fail_open else self._reap
             prefix = self._drop_prefix
             parts = [prefix + _pack_be32(i) for i in drops]
             if accepts:
-                parts.append(self._batch_accept_prefix + _pack_be32(accepts[-1]))
+                mark = marks[0] if marks else -1
+                if mark < 0 and (not marks or marks.count(-1) == len(marks)):
+                    parts.append(self._batch_accept_prefix + _pack_be32(accepts[-1]))
+                elif not reaping and marks.count(mark) == len(marks):
+                    parts.append(self._batch_accept_marked_prefix + _pack_be32(accepts[-1]) + _mark_tail(mark))
+                else:
+                    # A batch would give every packet it covers one mark: the judged bit to a
+                    # packet accepted without a verdict on its tuple, or to one we never saw.
+                    parts += self._one_by_one(accepts, marks)
         self._send(self._unsent + b"".join(parts))  # anything still unsent goes first
 
+    def _one_by_one(self, accepts: list[int], marks: list[int]) -> list[bytes]:
+        """An individual ACCEPT verdict per packet, each with its mark (if any)."""
+        plain = self._accept_prefix
+        if not marks:
+            return [plain + _pack_be32(i) for i in accepts]
+        marked = self._accept_marked_prefix
+        tails: dict[int, bytes] = {}
+        parts = []
+        for i, mark in zip(accepts, marks):
+            if mark < 0:
+                parts.append(plain + _pack_be32(i))
+            else:
+                tail = tails.get(mark)
+                if tail is None:
+                    tail = tails[mark] = _mark_tail(mark)
+                parts.append(marked + _pack_be32(i) + tail)
+        return parts
+
     def _send(self, data: bytes) -> None:
-        # Verdicts are 32 bytes; keep each send well under the default socket send buffer.
-        limit = 32 * 2048
+        # Keep each send well under the default socket send buffer, and split only between
+        # messages (verdicts are 32 or, with a mark, 40 bytes): the kernel reads a send as
+        # whole messages and would reject a cut one.
+        limit = 64 << 10
         try:
             while data:
-                self._sock.send(data[:limit])
-                data = data[limit:]
+                n = len(data)
+                if n > limit:
+                    n = 0
+                    while n < len(data) and n + _unpack_msg(data, n)[0] <= limit:
+                        n += _unpack_msg(data, n)[0]
+                self._sock.send(data[:n])
+                data = data[n:]
             self._unsent = b""
         except OSError as e:
             self._unsent = data
@@ -565,7 +656,7 @@ class NfQueue:
             if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM, errno.EINTR):
                 raise NfQueueError(e.errno, f"queue {self.queue_num}: sending verdicts failed: {e.strerror}") from None
 
-    def run(self, decide: Callable[[memoryview], bool], stop: threading.Event, poll_interval: float = 0.2) -> None:
+    def run(self, decide: Callable[[memoryview], int], stop: threading.Event, poll_interval: float = 0.2) -> None:
         """process() until `stop` is set (checked at least every poll_interval seconds).
 
         decide() errors never end the loop; NfQueueError (the socket itself failed) does.

@@ -24,14 +24,19 @@ tuple userspace accepted once can be accepted in the kernel until that state cha
 dynamic set (``accepted-v4``, ``accepted-v6``: ``src . dst . l4proto . dport``, timeout
 ACCEPT_CACHE_TIMEOUT_S, at most ACCEPT_CACHE_SIZE entries) is looked up in the diverting chains
 right before the diverts; a hit is accepted without userspace. Every diverted packet carries the
-mark bit; the ``-unmark`` chains right after the queueing hook see only the packets userspace
-accepted (dropped ones never come back), ``add`` their TCP/UDP/SCTP tuple to the set and clear the
-bit. Other protocols (ICMP, ...) are never cached: ``th dport`` would read their checksum. The
+queueing mark bit (and has the judged bit cleared); the ``-unmark`` chains right after the
+queueing hook see the packets that came back accepted (dropped ones never come back) and ``add``
+the TCP/UDP/SCTP tuple of those that also carry the judged bit, then clear both bits. Only the
+worker sets the judged bit (``RulesetConfig.judged_mark``, through the verdict's NFQA_MARK), and
+only on packets the engine accepted on their full tuple: what the kernel accepts without a
+verdict (fail-open bypass with no listener, a full queue or socket with NFQA_CFG_F_FAIL_OPEN, a
+missing iptables queue rule) and what the worker accepts without judging the tuple (fail-open
+defaults, unreadable transport headers) comes back with the queueing bit only and is never
+cached. Other protocols (ICMP, ...) are never cached: ``th dport`` would read their checksum. The
 agent empties both sets (:meth:`Ruleset.flush_cache`, one transaction) after every change of the
 engine's state, once every worker has applied it; every sync empties them too. ``add`` (not
-``update``) never extends an entry: whatever got in, also a packet accepted without a verdict
-(fail-open bypass or full queue), leaves within the timeout even while the tuple stays in use.
-A full set only means more packets go to userspace.
+``update``) never extends an entry, so every entry leaves within the timeout even while the
+tuple stays in use. A full set only means more packets go to userspace.
 
 Hook priorities, and why:
 
@@ -76,6 +81,7 @@ __all__ = [
     "ACCEPT_CACHE_TIMEOUT_S",
     "CACHE_V4",
     "CACHE_V6",
+    "DEFAULT_JUDGED_MARK",
     "DEFAULT_MARK",
     "TABLE",
     "Address",
@@ -105,6 +111,8 @@ ACCEPT_CACHE_SIZE = 65536  # per family; when full, new tuples simply keep going
 # VPC CNI's 0x80, kube-router's 0x10000/0x20000, Tailscale's 0xff0000. Calico claims
 # 0xffff0000 but Calico also enforces policy and would not run next to us. Configurable.
 DEFAULT_MARK = 0x2000
+# Bit 12, next to it and outside the same list of marks known to be taken. Configurable.
+DEFAULT_JUDGED_MARK = 0x1000
 
 # Netfilter hook priorities (include/uapi/linux/netfilter_ipv4.h).
 PRIO_MANGLE = -150  # NF_IP_PRI_MANGLE: where iptables' mangle chains run
@@ -135,6 +143,11 @@ class RulesetConfig:
     the packet through SNAT, policy routing and tc/eBPF programs of other components, which may
     interpret it (kube-proxy masquerades on 0x4000, for instance). Unused by the nft-queue
     backend without the accept cache.
+    judged_mark: with the accept cache, the bit the worker adds (through its verdict) to packets
+    the engine accepted on their full tuple; only those are cached (module docstring). Must
+    differ from ``mark``; the worker is given the same value (WorkerConfig.judged_mark). Cleared
+    on every diverted packet before the queue and again with ``mark`` after it, so both bits
+    must be ours alone.
     accept_cache: remember accepted (src, dst, protocol, dst port) tuples in the kernel so that
     later connections of the same tuple skip userspace (module docstring).
     cpu_fanout: with several queues, pick the queue by CPU instead of by address hash. The
@@ -148,6 +161,7 @@ class RulesetConfig:
     mark: int = DEFAULT_MARK
     cpu_fanout: bool = False
     accept_cache: bool = True
+    judged_mark: int = DEFAULT_JUDGED_MARK
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, Backend):
@@ -161,6 +175,10 @@ class RulesetConfig:
             )
         if not 0 < self.mark <= 0xFFFFFFFF or self.mark.bit_count() != 1:
             raise ValueError(f"mark must be a single bit of a 32-bit mark, got {self.mark:#x}")
+        if not 0 < self.judged_mark <= 0xFFFFFFFF or self.judged_mark.bit_count() != 1:
+            raise ValueError(f"judged_mark must be a single bit of a 32-bit mark, got {self.judged_mark:#x}")
+        if self.judged_mark == self.mark:
+            raise ValueError(f"judged_mark and mark must be different bits, both are {self.mark:#x}")
 
     @property
     def queue_last(self) -> int:
@@ -226,12 +244,21 @@ def xt_rules(config: RulesetConfig) -> tuple[XtRule, ...]:
     )
 
 
+def _set_mark(config: RulesetConfig) -> str:
+    """Set the queueing bit; with the accept cache also clear the judged bit, so that only the
+    worker's verdict can set it (a packet arriving with it set must not count as judged)."""
+    if config.accept_cache:
+        keep = 0xFFFFFFFF & ~config.judged_mark
+        return f"meta mark set meta mark and {keep:#010x} or {config.mark:#010x}"
+    return f"meta mark set meta mark or {config.mark:#010x}"
+
+
 def _divert(config: RulesetConfig) -> str:
     """The statement that sends a packet to userspace."""
     if config.backend is Backend.XT_NFQUEUE:
         # `accept` only ends this chain; the iptables mangle rule then queues the packet.
-        return f"meta mark set meta mark or {config.mark:#010x} accept"
-    mark = f"meta mark set meta mark or {config.mark:#010x} " if config.accept_cache else ""
+        return f"{_set_mark(config)} accept"
+    mark = f"{_set_mark(config)} " if config.accept_cache else ""
     if config.queue_count == 1:
         stmt = f"{mark}queue num {config.queue_id}"
     else:
@@ -324,19 +351,23 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
         f'{inp} ip6 saddr @{SET_V6} {divert} comment "selected pods to this node"',
     ]
     if config.backend is Backend.XT_NFQUEUE or config.accept_cache:
-        keep = 0xFFFFFFFF & ~config.mark
+        ours = config.mark | config.judged_mark if config.accept_cache else config.mark
+        keep = 0xFFFFFFFF & ~ours
         marked = f"meta mark and {config.mark:#010x} == {config.mark:#010x}"
+        judged = f"meta mark and {ours:#010x} == {ours:#010x}"
+        cleared = "clear the queueing and judged mark bits" if config.accept_cache else "clear the queueing mark bit"
         for c in chains:
             if c.name.endswith("-unmark"):
                 if config.accept_cache:
-                    # Marked packets seen here came back accepted from userspace. Separate rules:
-                    # when a set is full its `add` fails and ends its rule, not the unmarking.
+                    # Packets seen here with both bits came back from userspace with a verdict of
+                    # the engine on their tuple. Separate rules: when a set is full its `add`
+                    # fails and ends its rule, not the unmarking.
                     for name, key in ((CACHE_V4, "ip saddr . ip daddr"), (CACHE_V6, "ip6 saddr . ip6 daddr")):
                         lines.append(
-                            f"add rule {t} {c.name} {marked} meta l4proto {{ tcp, udp, sctp }} "
-                            f'add @{name} {{ {key} . meta l4proto . th dport }} comment "accepted by the agent: remember"'
+                            f"add rule {t} {c.name} {judged} meta l4proto {{ tcp, udp, sctp }} "
+                            f'add @{name} {{ {key} . meta l4proto . th dport }} comment "judged and accepted by the agent: remember"'
                         )
-                lines.append(f'add rule {t} {c.name} {marked} meta mark set meta mark and {keep:#010x} comment "clear the queueing mark bit"')
+                lines.append(f'add rule {t} {c.name} {marked} meta mark set meta mark and {keep:#010x} comment "{cleared}"')
     return "\n".join(lines) + "\n"
 
 

@@ -17,8 +17,19 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kube_network_policies.dataplane.nfqueue import NfQueue, NfQueueError
-from kube_network_policies.dataplane.packet import ERROR_NAMES, parse_packet
+from kube_network_policies.dataplane.nfqueue import (
+    ACCEPT,
+    ACCEPT_JUDGED,
+    DEFAULT_COPY_RANGE,
+    DROP,
+    NfQueue,
+    NfQueueError,
+)
+from kube_network_policies.dataplane.packet import (
+    ERROR_NAMES,
+    parse_addresses,
+    parse_packet,
+)
 from kube_network_policies.engine import ClusterState, Features
 from kube_network_policies.metrics import PacketMetrics
 
@@ -40,7 +51,8 @@ class WorkerConfig:
     node: str
     features: Features
     fail_open: bool
-    copy_range: int = 128
+    copy_range: int = DEFAULT_COPY_RANGE
+    judged_mark: int = 0  # RulesetConfig.judged_mark when the accept cache is on, else 0
 
 
 def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
@@ -51,14 +63,25 @@ def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
             state.delete(op[1], op[2], op[3])
 
 
-def make_decide(state: ClusterState, node: str, default: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]) -> Callable[[memoryview], bool]:
-    """The per-packet function: parse, judge, record. Kept flat; every name it uses is local."""
+def make_decide(state: ClusterState, node: str, fail_open: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]) -> Callable[[memoryview], int]:
+    """The per-packet function: parse, judge, record. Kept flat; every name it uses is local.
+
+    Returns ACCEPT_JUDGED only when the engine accepted the packet's full (source, destination,
+    protocol, port): only those may enter the accept cache. Everything decided without that
+    verdict is DROP, or with fail_open ACCEPT: before the state is complete, and for a packet
+    whose transport header cannot be read, which is accepted only when the engine would allow
+    these two addresses some protocol and port (it could be any), never when the addresses
+    alone are denied. A packet without readable addresses is dropped in both modes: no stack
+    would deliver it either.
+    """
     evaluate = state.evaluate
+    some_port = state.allowed_some_port
     observe = metrics.observe
     clock = time.perf_counter_ns
     error_names = ERROR_NAMES
+    default = ACCEPT if fail_open else DROP
 
-    def decide(payload: memoryview) -> bool:
+    def decide(payload: memoryview) -> int:
         if not ready[0]:
             # No decision on partial state: the default until every source has synced.
             errors["not_ready"] = errors.get("not_ready", 0) + 1
@@ -68,10 +91,15 @@ def make_decide(state: ClusterState, node: str, default: bool, metrics: PacketMe
         if flow.__class__ is int:
             name = error_names.get(flow, "unknown")
             errors[name] = errors.get(name, 0) + 1
-            return default
+            if not fail_open:
+                return DROP
+            known = parse_addresses(payload)
+            if known is not None and some_port(known[0], known[1], known[2], node):
+                return ACCEPT
+            return DROP
         allowed = evaluate(flow, node).allowed  # type: ignore[arg-type]
         observe(flow[2], 4 if len(flow[0]) == 4 else 6, allowed, (clock() - start) / 1000.0)  # type: ignore[index]
-        return allowed
+        return ACCEPT_JUDGED if allowed else DROP
 
     return decide
 
@@ -87,7 +115,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     errors: dict[str, int] = {}
     ready = [False]
     try:
-        queue = NfQueue(config.queue_num, copy_range=config.copy_range, fail_open=config.fail_open)
+        queue = NfQueue(config.queue_num, copy_range=config.copy_range, fail_open=config.fail_open, judged_mark=config.judged_mark)
     except (NfQueueError, OSError, ValueError) as exc:
         conn.send(("failed", f"queue {config.queue_num}: {exc}"))
         return

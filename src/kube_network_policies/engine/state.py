@@ -25,7 +25,17 @@ from kube_network_policies.engine.compiled import (
     compile_tiered_policy,
     named_ports,
 )
-from kube_network_policies.engine.flow import Action, Decision, DirectionResult, Flow, Reason, Tier
+from kube_network_policies.engine.flow import (
+    SCTP,
+    TCP,
+    UDP,
+    Action,
+    Decision,
+    DirectionResult,
+    Flow,
+    Reason,
+    Tier,
+)
 from kube_network_policies.model import adminpolicy as ap
 from kube_network_policies.model.core import NAMESPACE_NAME_LABEL, Namespace, Node, Pod
 from kube_network_policies.model.networkpolicy import NetworkPolicy
@@ -56,6 +66,9 @@ _NOT_SUBJECT = DirectionResult(True, ())
 ManagedListener = Callable[[str], None]
 
 DEAD_GROUP_SWEEP = 1024
+
+# Any protocol but TCP, UDP and SCTP, for allowed_some_port(): rules treat them all alike.
+_OTHER_PROTOCOL = 255
 
 
 class ClusterState:
@@ -514,6 +527,49 @@ class ClusterState:
     def allowed(self, flow: Flow, node: str | None = None) -> bool:
         """Only the verdict (the packet path's question)."""
         return self.evaluate(flow, node).allowed
+
+    def allowed_some_port(self, src_packed: bytes, dst_packed: bytes, protocol: int | None, node: str | None = None) -> bool:
+        """Would any new connection from src to dst be allowed: to some destination port of
+        `protocol`, or, with None, of any protocol? For packets whose transport header cannot be
+        read (the dataplane's fail-open path), so that not knowing the port never lets through
+        what the addresses alone already deny.
+
+        Exact, not an approximation: for one protocol a rule's port condition is a union of
+        ranges [lo, hi] and single named ports of the destination, so the verdict as a function
+        of the port only changes at some lo, hi + 1, named port or named port + 1. Evaluating
+        port 0 and each of those points (with the rules of both plans, whichever directions
+        `node` judges) visits every piece. Rules cannot tell protocols other than TCP, UDP and
+        SCTP apart (they have no ports, and rules with ports name only those three), so "any
+        protocol" is those three plus one stand-in for the rest. Costs one evaluate() per
+        point: the slow path only.
+        """
+        src = self.pods_by_ip.get(src_packed)
+        dst = self.pods_by_ip.get(dst_packed)
+        rules: list[Rule] = []
+        for entry, direction in ((src, "egress"), (dst, "ingress")):
+            plan = getattr(entry.plans, direction) if entry is not None and entry.plans is not None else None
+            if plan is not None:
+                rules += plan.admin
+                rules += plan.network_policy or ()
+                rules += plan.baseline
+        protocols = (TCP, UDP, SCTP, _OTHER_PROTOCOL) if protocol is None else (protocol,)
+        evaluate = self.evaluate
+        for proto in protocols:
+            points = {0}
+            for rule in rules:
+                for p, lo, hi in rule.ranges or ():
+                    if p == proto:
+                        points.add(lo)
+                        points.add(hi + 1)
+            if dst is not None:
+                for _name, p, port in dst.named:
+                    if p == proto:
+                        points.add(port)
+                        points.add(port + 1)
+            for port in sorted(points):
+                if port <= 0xFFFF and evaluate(Flow(src_packed, dst_packed, proto, 0, port), node).allowed:
+                    return True
+        return False
 
 
 def _judge(

@@ -67,6 +67,7 @@ import http.client
 import json
 import math
 import os
+import signal
 import random
 import re
 import resource
@@ -420,10 +421,16 @@ class CpuSnapshot:
 
 class RulesetToggle:
     """Removes and re-installs the agent's ruleset in the node namespace, with the agent's code
-    and config, and checks that a re-install gives back exactly what the agent installed."""
+    and config, and checks that a re-install gives back exactly what the agent installed.
 
-    def __init__(self, netns: str, v4: Sequence[str], v6: Sequence[str], queues: int = 1, accept_cache: bool = True) -> None:
+    The agent restores a ruleset someone else removed (agent.py, README "Staying in force"), so
+    its control process (`agent_pid`) is stopped (SIGSTOP) while the ruleset is absent and
+    continued once it is back: it is idle during the bench anyway. On continuing, it reads the
+    notifications of the removal and re-install, checks, and finds the ruleset as it left it."""
+
+    def __init__(self, netns: str, v4: Sequence[str], v6: Sequence[str], queues: int = 1, accept_cache: bool = True, agent_pid: int | None = None) -> None:
         self.netns = netns
+        self.agent_pid = agent_pid
         self.v4 = list(v4)
         self.v6 = list(v6)
         self.backend = detect_backend(netns=netns)
@@ -463,6 +470,8 @@ class RulesetToggle:
 
     def remove(self) -> None:
         if self.present:
+            if self.agent_pid is not None:
+                os.kill(self.agent_pid, signal.SIGSTOP)
             Ruleset(self.config, netns=self.netns).remove()
             self.present = False
         if self._listing() != ("", ""):
@@ -480,6 +489,8 @@ class RulesetToggle:
         if not self.present:
             Ruleset(self.config, netns=self.netns).sync(self.v4, self.v6)
             self.present = True
+            if self.agent_pid is not None:
+                os.kill(self.agent_pid, signal.SIGCONT)
         now = self._listing()
         if now != self.snapshot:
             raise LabError(f"the re-installed ruleset differs from the one the agent installed:\n{now}\n--- agent's:\n{self.snapshot}")
@@ -591,7 +602,7 @@ class BenchLab:
         self.worker_pids = _children(self.agent.process.pid)
         if len(self.worker_pids) != cfg.queues:
             raise LabError(f"expected {cfg.queues} agent worker process(es), found {self.worker_pids}")
-        self.toggle = RulesetToggle(self.topology.node_netns(NODE), v4, list(st.get("diverted_ipv6", [])), cfg.queues, cfg.accept_cache)
+        self.toggle = RulesetToggle(self.topology.node_netns(NODE), v4, list(st.get("diverted_ipv6", [])), cfg.queues, cfg.accept_cache, self.agent.process.pid)
         snap, q = self._metrics(), self._queue()
         self._offset = q.id_sequence - q.queue_dropped - q.user_dropped - snap.count - snap.errors
 
@@ -679,6 +690,10 @@ class BenchLab:
         if mode == "agent":
             self.toggle.install()
         else:
+            # The agent's control process (which serves /metrics) is stopped while the ruleset
+            # is absent: its metrics are read before. Nothing can be judged in a baseline round
+            # (the queue counters below show nothing was queued), so they stand for both ends.
+            idle = self._metrics()
             self.toggle.remove()
         self._flush_conntrack()  # every round starts from an empty conntrack table
         if self.config.warmup > 0:
@@ -691,7 +706,7 @@ class BenchLab:
             self.toggle.flush_cache()  # every measured run starts cold: its misses are measured too
             before, q0 = self._flushed()
         else:
-            before, q0 = self._metrics(), self._queue()
+            before, q0 = idle, self._queue()
         servers = [p.pid for p in self.servers.values()]
         cpu0 = CpuSnapshot.take(self.worker_pids, self.agent.process.pid, servers)
         reports = self._run_clients(workload, self.config.seconds)
@@ -699,7 +714,7 @@ class BenchLab:
         if mode == "agent":
             after, q1 = self._flushed()
         else:
-            after, q1 = self._metrics(), self._queue()
+            after, q1 = idle, self._queue()
         conns = sum(int(r["connections"]) for r in reports)
         weights = [max(int(r["connections"]), 0) for r in reports]
 
@@ -749,6 +764,8 @@ class BenchLab:
                 loadgen.stop_server(server, timeout=2)
         self.servers = {}
         if self.agent is not None:
+            with contextlib.suppress(Exception):
+                os.kill(self.agent.process.pid, signal.SIGCONT)  # stopped during a baseline round
             with contextlib.suppress(Exception):
                 self.agent.stop()
             self.agent = None
