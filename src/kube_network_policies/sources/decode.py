@@ -39,6 +39,7 @@ MAX_ALIAS_NODES = 100_000  # per document, nodes added by aliases as if they wer
 MAX_NUMBER_CHARS = 100  # int64 needs 20; far beyond any value a Kubernetes field takes
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 class DecodeError(Exception):
@@ -98,9 +99,12 @@ class _Loader(_BaseLoader):  # type: ignore[misc]
         if isinstance(node, MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
-                if key_node.tag == _MERGE_TAG:
+                tag = key_node.tag
+                if tag == _MERGE_TAG:
                     continue  # merged keys may be overridden: that is what merging is for
-                key = self.construct_object(key_node, deep=deep)
+                # Plain string keys compare by their text (the usual case, and cheap); others
+                # by the constructed key, as the dict would (1 and true are the same key).
+                key = key_node.value if tag == _STR_TAG else self.construct_object(key_node, deep=deep)
                 try:
                     first = seen.get(key)
                 except TypeError:
@@ -146,8 +150,41 @@ def _children(node: Node) -> list[Node]:
 def check_node_graph(root: Node) -> None:
     """Depth and alias expansion of a composed document, before anything is constructed.
 
-    Aliases make the node graph a DAG (or a cycle): every node is visited once, and its
-    expanded size (the tree a consumer walking the data would see) computed from its children's.
+    A document without shared collections (no alias to a mapping or sequence: the usual case)
+    is a tree, and only its depth is measured. Aliases to scalars add one node each and no
+    more than the text holds, so only a collection met twice sends the document to the full
+    measure (`_check_shared`).
+    """
+    if isinstance(root, ScalarNode):
+        return
+    seen: set[int] = set()
+    stack: list[tuple[Node, int]] = [(root, 1)]
+    pop, push, add = stack.pop, stack.append, seen.add
+    while stack:
+        node, depth = pop()
+        if id(node) in seen:
+            _check_shared(root)
+            return
+        add(id(node))
+        if depth > MAX_DEPTH:
+            raise _limit(f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
+        depth += 1
+        if node.__class__ is SequenceNode:
+            for child in node.value:
+                if child.__class__ is not ScalarNode:
+                    push((child, depth))
+        else:
+            for key, value in node.value:
+                if key.__class__ is not ScalarNode:
+                    push((key, depth))
+                if value.__class__ is not ScalarNode:
+                    push((value, depth))
+
+
+def _check_shared(root: Node) -> None:
+    """The full measure for a document whose node graph shares collections (aliases): every
+    node is visited once, and its expanded size (the tree a consumer walking the data would
+    see) computed from its children's; a node that contains itself is refused.
     """
     size: dict[int, int] = {}
     height: dict[int, int] = {}
@@ -160,9 +197,8 @@ def check_node_graph(root: Node) -> None:
         if finished:
             kids = _children(node)
             size[nid] = 1 + sum(size[id(k)] for k in kids)
-            h = 1 + max((height[id(k)] for k in kids), default=0) if not isinstance(node, ScalarNode) else 0
-            height[nid] = h
-            if h > MAX_DEPTH:
+            height[nid] = 0 if isinstance(node, ScalarNode) else 1 + max((height[id(k)] for k in kids), default=0)
+            if height[nid] > MAX_DEPTH:
                 raise _limit(f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
             if size[nid] - distinct > MAX_ALIAS_NODES:
                 raise _limit(f"aliases expand to more than {MAX_ALIAS_NODES} additional nodes", node.start_mark)
