@@ -13,7 +13,7 @@ import pytest
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.adminpolicy import UnknownPeer
 from kube_network_policies.model.errors import FieldError
-from kube_network_policies.sources.kubernetes import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, codec_for
+from kube_network_policies.sources.kubernetes import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, PODS, codec_for
 
 
 def pod(ips: list[str] | None = None, **meta: Any) -> dict[str, Any]:
@@ -63,6 +63,15 @@ def test_zones_are_not_cidrs(strict: bool) -> None:
     obj = np({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00::%eth0/64"}}]}]})
     (e,) = errors(obj, strict=strict)
     assert "zones" in e.message
+
+
+def test_pods_from_the_api_with_zoned_addresses_are_refused_others_read_as_the_api_server_does() -> None:
+    codec = codec_for(PODS)
+    _, parsed, _, error = codec.item(json.dumps(pod(["fd00::99%x"])).encode())
+    assert parsed is None and error is not None and error.errors[0].path == "status.podIPs[0].ip"
+    for written, read in (("010.1.1.1", "10.1.1.1"), ("::ffff:1.2.3.4", "1.2.3.4")):
+        _, parsed, _, error = codec.item(json.dumps(pod([written])).encode())
+        assert error is None and parsed.ips == (read,)  # type: ignore[union-attr]
 
 
 def test_node_address_with_zone() -> None:
