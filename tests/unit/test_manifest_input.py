@@ -18,7 +18,7 @@ import pytest
 
 from kube_network_policies.sources import files
 from kube_network_policies.sources.base import SourceError
-from kube_network_policies.sources.decode import MAX_DEPTH, DecodeError, load_json, load_yaml
+from kube_network_policies.sources.decode import LOADER, MAX_DEPTH, PYTHON_LOADER, DecodeError, load_json, load_yaml
 from kube_network_policies.sources.files import ManifestError, ManifestSource, load_objects, manifest_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,47 +69,58 @@ def knp(*args: str, unprivileged: bool = False) -> subprocess.CompletedProcess[s
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def test_depth_limit_is_exact() -> None:
+# libyaml's loader (when libyaml limits nesting itself, as the bundled 0.2.5 does) and the
+# Python one, used without it
+LOADERS = pytest.mark.parametrize("loader", sorted({LOADER, PYTHON_LOADER}, key=str), ids=lambda c: c.__mro__[1].__name__)
+
+
+@LOADERS
+def test_depth_limit_is_exact(loader: type) -> None:
     def nested(n: int) -> str:
         return "[" * n + "]" * n
 
     assert load_json(nested(MAX_DEPTH)) is not None
-    assert load_yaml(nested(MAX_DEPTH)) is not None
-    for load in (load_json, load_yaml):
-        with pytest.raises(DecodeError, match="nested deeper than 64 levels"):
-            load(nested(MAX_DEPTH + 1))
+    assert load_yaml(nested(MAX_DEPTH), loader) is not None
+    for load in (load_json, lambda text: load_yaml(text, loader)):
+        for depth in (MAX_DEPTH + 1, 100_000):
+            with pytest.raises(DecodeError, match="nested deeper than 64 levels"):
+                load(nested(depth))
 
 
-def test_aliases_are_allowed_within_bounds_and_recursive_ones_refused() -> None:
-    (doc,) = load_yaml("labels: &l {app: web}\nselector: *l\n")
+@LOADERS
+def test_aliases_are_allowed_within_bounds_and_recursive_ones_refused(loader: type) -> None:
+    (doc,) = load_yaml("labels: &l {app: web}\nselector: *l\n", loader)
     assert doc["selector"] == {"app": "web"}
     with pytest.raises(DecodeError, match="recursive alias"):
-        load_yaml("a: &a [1, *a]\n")
+        load_yaml("a: &a [1, *a]\n", loader)
 
 
-def test_alias_bomb_refused_in_milliseconds() -> None:
+@LOADERS
+def test_alias_bomb_refused_in_milliseconds(loader: type) -> None:
     started = time.perf_counter()
     with pytest.raises(DecodeError, match="aliases expand to more than 100000 additional nodes"):
-        load_yaml(alias_bomb())
+        load_yaml(alias_bomb(), loader)
     assert time.perf_counter() - started < 0.5
 
 
+@LOADERS
 @pytest.mark.parametrize("scalar", ["9" * 101, "0b" + "1" * 200, "1:" * 60 + "1", "-" + "9" * 100])
-def test_long_numbers_refused_before_conversion(scalar: str) -> None:
+def test_long_numbers_refused_before_conversion(scalar: str, loader: type) -> None:
     with pytest.raises(DecodeError, match="number of .* characters refused") as info:
-        load_yaml(f"a: 1\nb: {scalar}\n")
+        load_yaml(f"a: 1\nb: {scalar}\n", loader)
     assert info.value.line == 2
 
 
-def test_duplicate_keys_name_their_line() -> None:
+@LOADERS
+def test_duplicate_keys_name_their_line(loader: type) -> None:
     with pytest.raises(DecodeError) as info:
-        load_yaml("metadata:\n  name: a\n  labels: {}\n  name: b\n")
+        load_yaml("metadata:\n  name: a\n  labels: {}\n  name: b\n", loader)
     assert info.value.line == 4 and "duplicate key 'name' (first at line 2)" in str(info.value)
     with pytest.raises(DecodeError) as jinfo:
         load_json('{"a": {"b": 1,\n "c": 2,\n "b": 3}}')
     assert jinfo.value.line == 3 and "duplicate key 'b'" in str(jinfo.value)
     # Merge keys may be overridden: that is what they are for.
-    (doc,) = load_yaml("base: &b {x: 1, y: 2}\nd: {<<: *b, x: 3}\n")
+    (doc,) = load_yaml("base: &b {x: 1, y: 2}\nd: {<<: *b, x: 3}\n", loader)
     assert doc["d"] == {"x": 3, "y": 2}
 
 

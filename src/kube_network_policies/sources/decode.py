@@ -75,59 +75,60 @@ def _libyaml_limits_nesting() -> bool:
     return False
 
 
-_BaseLoader: Any = yaml.CSafeLoader if _libyaml_limits_nesting() else yaml.SafeLoader
+def _loader_class(base: Any) -> Any:
+    class _Loader(base):  # type: ignore[misc]
+        """SafeLoader (libyaml's when it is safe) with limits on numbers, duplicate keys and,
+        for the Python composer, nesting while composing."""
+
+        _depth = 0
+
+        def compose_node(self, parent: Node | None, index: object) -> Node:  # only the Python composer calls this
+            self._depth += 1
+            try:
+                if self._depth > MAX_DEPTH + 1:
+                    raise _limit(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+                node: Node = super().compose_node(parent, index)
+                return node
+            finally:
+                self._depth -= 1
+
+        def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    tag = key_node.tag
+                    if tag == _MERGE_TAG:
+                        continue  # merged keys may be overridden: that is what merging is for
+                    # Plain string keys compare by their text (the usual case, and cheap);
+                    # others by the constructed key, as the dict would (1 and true are one key).
+                    key = key_node.value if tag == _STR_TAG else self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:
+                        continue  # unhashable: the base class reports it
+                    if first is not None:
+                        raise ConstructorError(None, None, f"duplicate key {shown(key)} (first at line {first})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+            return result
+
+        def construct_yaml_int(self, node: ScalarNode) -> int:
+            _check_number(node)
+            value: int = super().construct_yaml_int(node)
+            return value
+
+        def construct_yaml_float(self, node: ScalarNode) -> float:
+            _check_number(node)
+            value: float = super().construct_yaml_float(node)
+            return value
+
+    _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+    _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+    return _Loader
 
 
-class _Loader(_BaseLoader):  # type: ignore[misc]
-    """SafeLoader (libyaml's when it is safe) with limits on numbers, duplicate keys and, for
-    the Python composer, nesting while composing."""
-
-    _depth = 0
-
-    def compose_node(self, parent: Node | None, index: object) -> Node:  # only the Python composer calls this
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH + 1:
-                event = self.peek_event()
-                raise _limit(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
-            node: Node = super().compose_node(parent, index)
-            return node
-        finally:
-            self._depth -= 1
-
-    def construct_mapping(self, node: Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                tag = key_node.tag
-                if tag == _MERGE_TAG:
-                    continue  # merged keys may be overridden: that is what merging is for
-                # Plain string keys compare by their text (the usual case, and cheap); others
-                # by the constructed key, as the dict would (1 and true are the same key).
-                key = key_node.value if tag == _STR_TAG else self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # unhashable: the base class reports it
-                if first is not None:
-                    raise ConstructorError(None, None, f"duplicate key {shown(key)} (first at line {first})", key_node.start_mark)
-                seen[key] = key_node.start_mark.line + 1
-        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return result
-
-    def construct_yaml_int(self, node: ScalarNode) -> int:
-        _check_number(node)
-        value: int = super().construct_yaml_int(node)
-        return value
-
-    def construct_yaml_float(self, node: ScalarNode) -> float:
-        _check_number(node)
-        value: float = super().construct_yaml_float(node)
-        return value
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+PYTHON_LOADER = _loader_class(yaml.SafeLoader)
+LOADER = _loader_class(yaml.CSafeLoader) if _libyaml_limits_nesting() else PYTHON_LOADER
 
 
 def _check_number(node: ScalarNode) -> None:
@@ -223,9 +224,10 @@ def _mark_error(exc: yaml.YAMLError, document: int) -> DecodeError:
     return DecodeError(shown(problem, 300, quote=False), line, column, document, syntax="" if limit else "YAML")
 
 
-def load_yaml(text: str) -> list[Any]:
-    """Every document of a YAML stream (None for empty ones); raises DecodeError."""
-    loader = _Loader(text)
+def load_yaml(text: str, loader_class: Any = None) -> list[Any]:
+    """Every document of a YAML stream (None for empty ones); raises DecodeError.
+    `loader_class`: LOADER (the default) or PYTHON_LOADER."""
+    loader = (loader_class or LOADER)(text)
     docs: list[Any] = []
     try:
         while loader.check_node():
