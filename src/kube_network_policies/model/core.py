@@ -10,7 +10,13 @@ from typing import Any
 from kube_network_policies.model.errors import ValidationError, clip, shown
 from kube_network_policies.model.fields import Fields
 from kube_network_policies.model.ipnet import canonical_address
-from kube_network_policies.model.names import dns_label_problem, dns_subdomain_problem, label_key_problem, label_value_problem, port_name_problem
+from kube_network_policies.model.names import (
+    dns_label_problem,
+    dns_subdomain_problem,
+    label_key_problem,
+    label_value_problem,
+    port_name_problem,
+)
 from kube_network_policies.model.selectors import LabelSet
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
