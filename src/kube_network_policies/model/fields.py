@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Collection, Mapping
+from functools import lru_cache
 from typing import Any
 
 from kube_network_policies.model.errors import FieldError, clip, shown
@@ -61,7 +62,7 @@ class Fields:
         since the API server would not know it and the agent would silently not see it."""
         if not self.strict:
             return
-        lowered = {r.lower(): r for r in read}
+        lowered = _lowered(tuple(read))
         for k in obj:
             if isinstance(k, str) and k not in read and k.lower() in lowered:
                 self.error(self.key(path, k), f"unknown field (did you mean {lowered[k.lower()]}?)")
@@ -153,6 +154,11 @@ class Fields:
                 continue
             out[k] = v
         return out
+
+
+@lru_cache(maxsize=64)
+def _lowered(read: tuple[str, ...]) -> dict[str, str]:
+    return {r.lower(): r for r in read}
 
 
 def _unknown_message(key: object, known: Collection[str]) -> str:

@@ -7,8 +7,13 @@ Each check returns None when the value is valid, else a short problem text.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from kube_network_policies.model.errors import shown
+
+# Label keys, label values, namespaces and port names repeat across objects: their checks are
+# cached (bounded); names of objects are mostly unique and are not.
+_cached = lru_cache(maxsize=8192)
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -19,6 +24,7 @@ DNS_SUBDOMAIN_MAX = 253
 NAME_MAX = 63  # the name part of a qualified name, and a label value
 
 
+@_cached
 def dns_label_problem(value: str) -> str | None:
     if not value:
         return "must not be empty"
@@ -41,6 +47,7 @@ def dns_subdomain_problem(value: str) -> str | None:
     return None
 
 
+@_cached
 def label_key_problem(key: str) -> str | None:
     """A qualified name: an optional DNS-subdomain prefix and '/', then a name of at most 63
     characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit."""
@@ -63,6 +70,7 @@ def label_key_problem(key: str) -> str | None:
     return None
 
 
+@_cached
 def label_value_problem(value: str) -> str | None:
     if not value:
         return None  # an empty label value is valid
@@ -74,6 +82,7 @@ def label_value_problem(value: str) -> str | None:
     return None
 
 
+@_cached
 def port_name_problem(name: str) -> str | None:
     """IANA_SVC_NAME: at most 15 characters, lowercase letters, digits and '-', at least one
     letter, no leading, trailing or double '-'."""

@@ -245,7 +245,7 @@ def load_yaml(text: str, loader_class: Any = None) -> list[Any]:
 
 # --- JSON ---------------------------------------------------------------------------------------
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+_JSON_PLAIN_STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -286,7 +286,10 @@ _JSON_TOKEN = re.compile(r'("(?:[^"\\]|\\.)*+")(\s*:)?|[\[\]{}]', re.DOTALL)
 
 def _json_depth(text: str) -> tuple[int, int]:
     """(deepest nesting, offset of the first bracket beyond MAX_DEPTH) of valid JSON text."""
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    # Strings out, escapes first: in valid JSON a backslash only starts an escape inside a
+    # string, and str.replace pairs them left to right as a JSON reader does.
+    bare = _JSON_PLAIN_STRING.sub("", text.replace("\\\\", "").replace('\\"', ""))
+    brackets = _NOT_BRACKET.sub("", bare)
     if not brackets or max(accumulate(_DEPTH_STEP[c] for c in brackets)) <= MAX_DEPTH:
         return 0, 0
     depth = 0
