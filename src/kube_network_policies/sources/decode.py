@@ -6,8 +6,9 @@ RecursionError or ValueError from deep inside a library. Every limit here is che
 the expensive step it protects:
 
 - nesting depth: at most MAX_DEPTH levels of mappings and sequences. libyaml stops at 1000
-  levels while scanning; the node graph is measured before any Python object is built; JSON
-  is measured by a scan of its brackets before json.loads.
+  levels while scanning, and the node graph is measured before any Python object is built.
+  json's C parser stops at Python's recursion limit (RecursionError, caught), and the text's
+  brackets are measured once it parsed, before the data is used.
 - aliases: YAML aliases are allowed (kubectl accepts them), but the nodes they stand for,
   counted as if copied, may add at most MAX_ALIAS_NODES to a document; recursive aliases are
   refused. Checked on the node graph, before construction.
@@ -67,7 +68,7 @@ def _libyaml_limits_nesting() -> bool:
     composer cannot exhaust the C stack. Older builds may not: then use the Python composer."""
     if not getattr(yaml, "__with_libyaml__", False):
         return False
-    depth = 5000
+    depth = 1100  # just past libyaml's limit: a build without one recurses only this deep
     try:
         yaml.compose("[" * depth + "]" * depth, Loader=yaml.CSafeLoader)
     except yaml.YAMLError:
