@@ -157,13 +157,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scenario_status(status: int, paths: list[str]) -> int:
+    """A failed `lab run` whose scenario files do not load (bad input) exits 2, like every
+    command given bad input; the runner has named each file and its problem already."""
+    if status == 0:
+        return status
+    from kube_network_policies.lab.scenario import ScenarioError, find_scenario_files, load_scenario
+
+    for path in find_scenario_files(paths):
+        try:
+            load_scenario(path)
+        except ScenarioError:
+            return EXIT_USAGE
+    return status
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from kube_network_policies.lab.runner import run_paths
 
     if args.lab_command == "run" and args.engine_only:
         from kube_network_policies.lab.engine_mode import EngineMode
 
-        return run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables)
+        return _scenario_status(run_paths(args.paths, EngineMode(), verbose=args.verbose, tables=args.tables), args.paths)
     # Everything else builds network namespaces and runs real agents.
     from kube_network_policies.lab.netns_mode import LabError, check_lab_prerequisites
     from kube_network_policies.lab.topology import exit_on_sigterm
@@ -196,7 +211,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if not args.apiserver:
         from kube_network_policies.lab.netns_mode import LabMode
 
-        return run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables)
+        return _scenario_status(run_paths(args.paths, LabMode(timeout=args.timeout), verbose=args.verbose, tables=args.tables), args.paths)
     from kube_network_policies.lab.apiserver_mode import ApiLabMode
 
     try:
@@ -205,7 +220,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        return run_paths(args.paths, mode, verbose=args.verbose, tables=args.tables)
+        return _scenario_status(run_paths(args.paths, mode, verbose=args.verbose, tables=args.tables), args.paths)
     finally:
         mode.close()
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from kube_network_policies.engine import ClusterState, Decision, DirectionResult, Features, Flow
 from kube_network_policies.model import ApiObject
 from kube_network_policies.model.adminpolicy import AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy
+from kube_network_policies.model.ipnet import canonical_address
 
 
 class ExplainError(Exception):
@@ -43,9 +44,9 @@ def resolve(state: ClusterState, text: str, role: str) -> Endpoint:
             _no_ip(role, text)
         return Endpoint(text, pod.ips, text)
     try:
-        ip = str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ExplainError(f"--{role} {text!r}: expected NAMESPACE/POD or an IP address") from None
+        ip = canonical_address(text, strict=True)  # no zones, leading zeros or IPv4-mapped forms
+    except ValueError as exc:
+        raise ExplainError(f"--{role}: expected NAMESPACE/POD or an IP address: {exc}") from None
     pod = state.pod_by_ip(ip)
     return Endpoint(ip, (ip,), pod.key if pod else None)
 

@@ -83,3 +83,45 @@ def test_bench_prints_figures() -> None:
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["pods"] == 500 and figures["decisions_per_s"] > 0 and figures["bytes_per_pod"] > 0
+
+
+def _limited_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB of address space
+
+
+def test_hostile_manifests_exit_2_fast_with_bounded_memory(tmp_path: Path) -> None:
+    from test_manifest_input import HOSTILE, HOSTILE_PROBLEM
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("KNP_DEBUG", None)
+    for name, text in HOSTILE.items():
+        path = tmp_path / name
+        path.write_text(text)
+        args = ["explain", "--manifests", str(path), "--from", "1.1.1.1", "--to", "2.2.2.2", "--port", "80"]
+        r = subprocess.run([sys.executable, "-m", "kube_network_policies", *args], capture_output=True, text=True, env=env,
+                           timeout=30, preexec_fn=_limited_memory)
+        assert r.returncode == 2, (name, r.stderr)
+        assert r.stderr.startswith(f"error: {path}") and HOSTILE_PROBLEM[name] in r.stderr and "internal error" not in r.stderr
+        path.unlink()
+
+
+def test_explain_refuses_addresses_with_zones() -> None:
+    r = knp("explain", "--manifests", str(EXAMPLES / "manifests"), "--from", "fd00::1%eth0", "--to", "backend/db", "--port", "80")
+    assert r.returncode == 2 and "zones (%...) are not allowed" in r.stderr
+
+
+def test_lab_run_with_bad_scenario_files_exits_2(tmp_path: Path) -> None:
+    from test_manifest_input import HOSTILE
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(HOSTILE["bomb.yaml"].replace("apiVersion", "steps: []\nx-apiVersion", 1))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: deep\nsource: s\ncluster: " + "[" * 5000 + "]" * 5000 + "\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((EXAMPLES / "demo.yaml").read_text().replace("podSelector:", "podSelectr:", 1))
+    for path, problem in ((bomb, "aliases expand to more than"), (deep, "nested deeper than 64 levels"), (typo, "podSelectr: unknown field")):
+        r = knp("lab", "run", "--engine-only", str(path))
+        assert r.returncode == 2, (path, r.stdout, r.stderr)
+        assert f"ERROR {path}" in r.stdout and problem in r.stdout and "Traceback" not in r.stderr

@@ -294,8 +294,12 @@ class TestCidr:
     def test_non_string(self, value):
         assert "must be a CIDR string" in cidr_error(value).message
 
-    def test_ipv4_mapped_ipv6_refused(self):
-        assert "IPv4-mapped" in cidr_error("::ffff:10.0.0.0/104").message
+    def test_ipv4_mapped_ipv6_refused_in_files_read_as_ipv4_from_the_api(self):
+        f = Fields(strict=True)
+        assert parse_cidr(f, "::ffff:10.0.0.0/104", "c") is None
+        assert "IPv4-mapped" in f.errors[0].message
+        # Non-strict (objects the API server stored): read as the API server's Go parser reads it.
+        assert str(cidr("::ffff:10.0.0.0/104")) == "10.0.0.0/8"
 
     def test_ip_block_contains_honours_excepts(self):
         block = IPBlock(cidr("10.0.0.0/8"), (cidr("10.1.0.0/16"),))

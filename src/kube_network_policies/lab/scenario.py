@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.core import HOSTNAME_LABEL
 from kube_network_policies.model.errors import FieldError
 from kube_network_policies.model.fields import Fields
+from kube_network_policies.sources.decode import DecodeError, load_yaml
+from kube_network_policies.sources.files import ManifestError, read_file
 
 FEATURES = (
     "admin-network-policy",
@@ -169,17 +169,16 @@ def find_scenario_files(paths: list[str]) -> list[Path]:
 def load_scenario(path: Path) -> Scenario:
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ScenarioError(where, [FieldError("", f"cannot read: {exc.strerror or exc}")]) from None
+        text = read_file(path).decode("utf-8")  # bounded in size, like a manifest
+    except ManifestError as exc:
+        raise ScenarioError(where, [FieldError("", str(exc).removeprefix(f"{path}: "))]) from None
     except UnicodeDecodeError:
         raise ScenarioError(where, [FieldError("", "not UTF-8 text")]) from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ScenarioError(where, [FieldError("", f"invalid YAML: {at}{getattr(exc, 'problem', None) or exc}")]) from None
+        docs = [d for d in load_yaml(text) if d is not None]  # bounded depth, aliases, numbers
+    except DecodeError as exc:
+        at = f"line {exc.line}, column {exc.column}: " if exc.line and exc.column else ""
+        raise ScenarioError(where, [FieldError("", f"{'invalid YAML' if exc.syntax else 'refused'}: {at}{exc.problem}")]) from None
     if len(docs) != 1 or not isinstance(docs[0], Mapping):
         raise ScenarioError(where, [FieldError("", "a scenario file holds exactly one YAML mapping")])
     return parse_scenario(docs[0], where)
@@ -369,7 +368,7 @@ def _steps(f: Fields, raw: Mapping[str, Any], endpoints: set[str], pods: set[str
         applied = []
         for j, obj in enumerate(f.sequence(s, "apply", path) or []):
             try:
-                parsed = parse_object(obj)
+                parsed = parse_object(obj, strict=True)  # as the agents read it from their manifests
             except ValidationError as exc:
                 for e in exc.errors:
                     f.error(f"{path}.apply[{j}]", f"{exc.subject}: {e}")

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kube_network_policies.model.core import PROTOCOLS, metadata, object_subject
-from kube_network_policies.model.errors import ValidationError
+from kube_network_policies.model.errors import ValidationError, shown
 from kube_network_policies.model.fields import Fields
 from kube_network_policies.model.ipnet import IPBlock, parse_cidr
+from kube_network_policies.model.names import port_name_problem
 from kube_network_policies.model.selectors import LabelSelector, parse_selector
 
 INGRESS = "Ingress"
@@ -65,11 +66,15 @@ class NetworkPolicy:
         return f"{self.namespace}/{self.name}"
 
 
-def parse_network_policy(obj: Mapping[str, Any]) -> NetworkPolicy:
-    f = Fields()
-    namespace, name, _ = metadata(f, obj, namespaced=True)
+SPEC_FIELDS = ("podSelector", "policyTypes", "ingress", "egress")
+
+
+def parse_network_policy(obj: Mapping[str, Any], *, strict: bool = False) -> NetworkPolicy:
+    f = Fields(strict)
+    namespace, name, _ = metadata(f, obj, namespaced=True, top=("apiVersion", "kind", "metadata", "spec"))
     spec = f.mapping(obj, "spec", "", required=True) or {}
-    pod_selector = parse_selector(f, f.mapping(spec, "podSelector", "spec"), "spec.podSelector")
+    f.unknown(spec, "spec", SPEC_FIELDS)
+    pod_selector = parse_selector(f, f.mapping(spec, "podSelector", "spec"), "spec.podSelector", label_syntax=True)
     ingress = _rules(f, spec, "ingress", "from")
     egress = _rules(f, spec, "egress", "to")
     raw_types = f.sequence(spec, "policyTypes", "spec")
@@ -82,9 +87,11 @@ def parse_network_policy(obj: Mapping[str, Any]) -> NetworkPolicy:
         types = set()
         for i, t in enumerate(raw_types):
             if t not in (INGRESS, EGRESS):
-                f.error(f"spec.policyTypes[{i}]", f"unsupported value {t!r} (expected Ingress or Egress)")
+                f.error(f"spec.policyTypes[{i}]", f"unsupported value {shown(t)} (expected Ingress or Egress)")
             else:
                 types.add(t)
+        if f.strict and len(raw_types) > 2:
+            f.error("spec.policyTypes", f"may not hold more than 2 entries, got {len(raw_types)}")
     if f.errors:
         raise ValidationError(object_subject("NetworkPolicy", obj), f.errors)
     return NetworkPolicy(namespace, name, pod_selector, frozenset(types), ingress, egress)
@@ -102,7 +109,7 @@ def _rules(f: Fields, spec: Mapping[str, Any], key: str, peers_key: str) -> tupl
             continue
         for k in r:
             if k not in (peers_key, "ports"):
-                f.error(f"{path}.{k}", f"unknown field (expected {peers_key} or ports)")
+                f.error(Fields.key(path, k), f"unknown field (expected {peers_key} or ports)")
         peers = tuple(
             p for j, raw_peer in enumerate(f.sequence(r, peers_key, path) or [])
             if (p := _peer(f, raw_peer, f"{path}.{peers_key}[{j}]")) is not None
@@ -121,7 +128,7 @@ def _peer(f: Fields, raw: object, path: str) -> NetworkPolicyPeer | None:
         return None
     unknown = [k for k in raw if k not in ("podSelector", "namespaceSelector", "ipBlock")]
     for k in unknown:
-        f.error(f"{path}.{k}", "unknown field (expected podSelector, namespaceSelector or ipBlock)")
+        f.error(Fields.key(path, k), "unknown field (expected podSelector, namespaceSelector or ipBlock)")
     has_pod = raw.get("podSelector") is not None
     has_ns = raw.get("namespaceSelector") is not None
     block = f.mapping(raw, "ipBlock", path)
@@ -130,6 +137,7 @@ def _peer(f: Fields, raw: object, path: str) -> NetworkPolicyPeer | None:
             f.error(path, "ipBlock cannot be combined with podSelector or namespaceSelector")
             return None
         bpath = f"{path}.ipBlock"
+        f.unknown(block, bpath, ("cidr", "except"))
         cidr = parse_cidr(f, block.get("cidr"), f"{bpath}.cidr") if "cidr" in block else None
         if "cidr" not in block:
             f.error(f"{bpath}.cidr", "required field is missing")
@@ -140,7 +148,7 @@ def _peer(f: Fields, raw: object, path: str) -> NetworkPolicyPeer | None:
             if c is None or cidr is None:
                 continue
             if not cidr.covers(c) or c.prefix == cidr.prefix:
-                f.error(epath, f"{e} must be a strict subset of {cidr}")
+                f.error(epath, f"{shown(e, quote=False)} must be a strict subset of {cidr}")
                 continue
             excepts.append(c)
         if cidr is None:
@@ -150,8 +158,8 @@ def _peer(f: Fields, raw: object, path: str) -> NetworkPolicyPeer | None:
         if not unknown:
             f.error(path, "must specify podSelector, namespaceSelector or ipBlock")
         return None
-    pod = parse_selector(f, f.mapping(raw, "podSelector", path), f"{path}.podSelector") if has_pod else None
-    ns = parse_selector(f, f.mapping(raw, "namespaceSelector", path), f"{path}.namespaceSelector") if has_ns else None
+    pod = parse_selector(f, f.mapping(raw, "podSelector", path), f"{path}.podSelector", label_syntax=True) if has_pod else None
+    ns = parse_selector(f, f.mapping(raw, "namespaceSelector", path), f"{path}.namespaceSelector", label_syntax=True) if has_ns else None
     return PodPeer(pod, ns)
 
 
@@ -161,35 +169,36 @@ def _port(f: Fields, raw: object, path: str) -> NetworkPolicyPort | None:
         return None
     for k in raw:
         if k not in ("protocol", "port", "endPort"):
-            f.error(f"{path}.{k}", "unknown field (expected protocol, port or endPort)")
+            f.error(Fields.key(path, k), "unknown field (expected protocol, port or endPort)")
     protocol = f.string(raw, "protocol", path, default="TCP")
     if protocol not in PROTOCOLS:
-        f.error(f"{path}.protocol", f"unsupported protocol {protocol!r} (expected TCP, UDP or SCTP)")
+        f.error(f"{path}.protocol", f"unsupported protocol {shown(protocol)} (expected TCP, UDP or SCTP)")
         return None
     port_value = raw.get("port")
     number: int | None = None
     name: str | None = None
     if isinstance(port_value, bool):
-        f.error(f"{path}.port", f"must be a port number or name, got {port_value!r}")
+        f.error(f"{path}.port", f"must be a port number or name, got {shown(port_value)}")
         return None
     if isinstance(port_value, int):
         if not 1 <= port_value <= 65535:
-            f.error(f"{path}.port", f"must be between 1 and 65535, got {port_value}")
+            f.error(f"{path}.port", f"must be between 1 and 65535, got {shown(port_value)}")
             return None
         number = port_value
     elif isinstance(port_value, str):
         if port_value.isascii() and port_value.isdigit():
-            number = int(port_value)  # an IntOrString written as a string of digits
+            # an IntOrString written as a string of digits (at most 5 are a port: no huge int())
+            number = int(port_value) if len(port_value) <= 5 else 0
             if not 1 <= number <= 65535:
-                f.error(f"{path}.port", f"must be between 1 and 65535, got {port_value}")
+                f.error(f"{path}.port", f"must be between 1 and 65535, got {shown(port_value, quote=False)}")
                 return None
-        elif not _valid_port_name(port_value):
-            f.error(f"{path}.port", f"invalid port name {port_value!r} (1-15 lowercase letters, digits or '-', with a letter)")
+        elif (problem := port_name_problem(port_value)) is not None:
+            f.error(f"{path}.port", problem)
             return None
         else:
             name = sys.intern(port_value)
     elif port_value is not None:
-        f.error(f"{path}.port", f"must be a port number or name, got {port_value!r}")
+        f.error(f"{path}.port", f"must be a port number or name, got {shown(port_value)}")
         return None
     end = f.integer(raw, "endPort", path, minimum=1, maximum=65535)
     if end is not None:
@@ -200,13 +209,3 @@ def _port(f: Fields, raw: object, path: str) -> NetworkPolicyPort | None:
             f.error(f"{path}.endPort", f"must be greater than or equal to port ({number}), got {end}")
             return None
     return NetworkPolicyPort(sys.intern(protocol or "TCP"), number, name, end)
-
-
-def _valid_port_name(name: str) -> bool:
-    # IANA_SVC_NAME: at most 15 characters, lowercase alphanumerics and '-', at least one letter,
-    # no leading, trailing or double '-'.
-    if not 1 <= len(name) <= 15 or name.startswith("-") or name.endswith("-") or "--" in name:
-        return False
-    if not all(c.islower() or c.isdigit() or c == "-" for c in name if c.isascii()) or not name.isascii():
-        return False
-    return any(c.isalpha() for c in name)

@@ -14,13 +14,14 @@ from kube_network_policies.model.adminpolicy import (
     parse_cluster_network_policy,
 )
 from kube_network_policies.model.core import Namespace, Node, Pod, object_subject, parse_namespace, parse_node, parse_pod
-from kube_network_policies.model.errors import FieldError, ValidationError
+from kube_network_policies.model.errors import FieldError, ValidationError, shown
 from kube_network_policies.model.networkpolicy import NetworkPolicy, parse_network_policy
 
 ApiObject = Pod | Namespace | Node | NetworkPolicy | AdminNetworkPolicy | BaselineAdminNetworkPolicy | ClusterNetworkPolicy
 
-# (kind) -> (accepted apiVersions, parser)
-PARSERS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], Any]]] = {
+# (kind) -> (accepted apiVersions, parser). A parser reads non-strict by default (objects from
+# the API server: sources.kubernetes calls these directly); parse_object(strict=True) for files.
+PARSERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "Pod": (("v1",), parse_pod),
     "Namespace": (("v1",), parse_namespace),
     "Node": (("v1",), parse_node),
@@ -33,8 +34,12 @@ PARSERS: dict[str, tuple[tuple[str, ...], Callable[[Mapping[str, Any]], Any]]] =
 NAMESPACED_KINDS = frozenset({"Pod", "NetworkPolicy"})
 
 
-def parse_object(obj: object) -> ApiObject:
-    """Parse a Kubernetes object of a supported kind; raises ValidationError naming what is wrong."""
+def parse_object(obj: object, *, strict: bool = False) -> ApiObject:
+    """Parse a Kubernetes object of a supported kind; raises ValidationError naming what is wrong.
+
+    `strict` (files): unknown fields are errors and names, labels and list sizes are checked as
+    the API server checks them (see model.fields). Non-strict: objects the API server stored.
+    """
     if not isinstance(obj, Mapping):
         raise ValidationError("object", [FieldError("", f"must be a mapping (a Kubernetes object), got {type(obj).__name__}")])
     kind = obj.get("kind")
@@ -42,15 +47,15 @@ def parse_object(obj: object) -> ApiObject:
         raise ValidationError(object_subject("object", obj), [FieldError("kind", "required field is missing")])
     entry = PARSERS.get(kind)
     if entry is None:
-        raise ValidationError(object_subject(kind, obj), [FieldError("kind", f"unsupported kind {kind!r} (supported: {', '.join(PARSERS)})")])
+        raise ValidationError(object_subject(shown(kind, quote=False), obj), [FieldError("kind", f"unsupported kind {shown(kind)} (supported: {', '.join(PARSERS)})")])
     versions, parser = entry
     api_version = obj.get("apiVersion")
     if api_version not in versions:
         raise ValidationError(
             object_subject(kind, obj),
-            [FieldError("apiVersion", f"{api_version!r} is not supported for {kind} (expected {' or '.join(versions)})")],
+            [FieldError("apiVersion", f"{shown(api_version)} is not supported for {kind} (expected {' or '.join(versions)})")],
         )
-    result: ApiObject = parser(obj)
+    result: ApiObject = parser(obj, strict=strict)
     return result
 
 

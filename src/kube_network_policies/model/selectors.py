@@ -17,16 +17,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kube_network_policies.model.errors import shown
 from kube_network_policies.model.fields import Fields
+from kube_network_policies.model.names import label_key_problem, label_value_problem
 
 
 class LabelSet:
-    __slots__ = ("items", "keys", "__weakref__")
+    __slots__ = ("__weakref__", "items", "keys")
 
     items: frozenset[tuple[str, str]]
     keys: frozenset[str]
 
-    def __new__(cls, labels: Mapping[str, str] | None = None) -> LabelSet:
+    def __new__(cls, labels: Mapping[str, str] | None = None) -> LabelSet:  # noqa: PYI034 - interned: the cached instance
         items = frozenset((labels or {}).items())
         cached = _INTERNED.get(items)
         if cached is not None:
@@ -128,16 +130,29 @@ class LabelSelector:
 MATCH_ALL = LabelSelector(frozenset(), ())
 
 
-def parse_selector(fields: Fields, raw: Mapping[str, Any] | None, path: str) -> LabelSelector:
-    """Compile a metav1.LabelSelector; errors are recorded in `fields` with their paths."""
+def parse_selector(fields: Fields, raw: Mapping[str, Any] | None, path: str, *, label_syntax: bool = False) -> LabelSelector:
+    """Compile a metav1.LabelSelector; errors are recorded in `fields` with their paths.
+
+    `label_syntax`: in strict mode, check keys and values as label keys and values, as the API
+    server does for the selectors of built-in kinds (NetworkPolicy). The policy CRDs declare
+    plain strings, so the API server accepts any key there; such a selector is matched
+    literally (a key no label can carry matches nothing with In, Exists and matchLabels).
+    """
     if raw is None:
         return MATCH_ALL
+    syntax = label_syntax and fields.strict
     for field_name in raw:
         if field_name not in ("matchLabels", "matchExpressions"):
-            fields.error(Fields.join(path, str(field_name)), "unknown field in a label selector (expected matchLabels or matchExpressions)")
+            fields.error(Fields.key(path, field_name), "unknown field in a label selector (expected matchLabels or matchExpressions)")
     match_labels = fields.string_map(raw, "matchLabels", path)
-    for k in match_labels:
-        _check_key(fields, k, Fields.join(Fields.join(path, "matchLabels"), k))
+    for k, v in match_labels.items():
+        kpath = Fields.key(Fields.join(path, "matchLabels"), k)
+        if syntax:
+            problem = label_key_problem(k) or label_value_problem(v)
+            if problem is not None:
+                fields.error(kpath, problem)
+        else:
+            _check_key(fields, k, kpath)
     requirements: list[Requirement] = []
     exprs = fields.sequence(raw, "matchExpressions", path) or []
     for i, expr in enumerate(exprs):
@@ -149,16 +164,23 @@ def parse_selector(fields: Fields, raw: Mapping[str, Any] | None, path: str) -> 
         op = fields.string(expr, "operator", p, required=True)
         raw_values = fields.sequence(expr, "values", p)
         values: list[str] = []
+        fields.unknown(expr, p, ("key", "operator", "values"))
         for j, v in enumerate(raw_values or []):
             if not isinstance(v, str):
-                fields.error(Fields.join(Fields.join(p, "values"), j), f"must be a string, got {v!r} (quote it)")
+                fields.error(Fields.join(Fields.join(p, "values"), j), f"must be a string, got {shown(v)} (quote it)")
             else:
+                if syntax and (problem := label_value_problem(v)) is not None:
+                    fields.error(Fields.join(Fields.join(p, "values"), j), problem)
                 values.append(v)
         if key is None or op is None:
             continue
-        _check_key(fields, key, Fields.join(p, "key"))
+        if syntax:
+            if (problem := label_key_problem(key)) is not None:
+                fields.error(Fields.join(p, "key"), problem)
+        else:
+            _check_key(fields, key, Fields.join(p, "key"))
         if op not in OPERATORS:
-            fields.error(Fields.join(p, "operator"), f"unknown operator {op!r} (expected one of {', '.join(OPERATORS)})")
+            fields.error(Fields.join(p, "operator"), f"unknown operator {shown(op)} (expected one of {', '.join(OPERATORS)})")
             continue
         if op in ("In", "NotIn") and not values:
             fields.error(Fields.join(p, "values"), f"operator {op} needs at least one value")
@@ -175,4 +197,4 @@ def parse_selector(fields: Fields, raw: Mapping[str, Any] | None, path: str) -> 
 def _check_key(fields: Fields, key: str, path: str) -> None:
     name = key.rsplit("/", 1)[-1]
     if not name or len(name) > 63 or (key.count("/") > 1):
-        fields.error(path, f"invalid label key {key!r}")
+        fields.error(path, f"invalid label key {shown(key)}")
