@@ -280,8 +280,23 @@ class Agent:
                 log.debug("applying a change failed", exc_info=True)
                 self.metrics.control.error("apply")
                 self.problems["apply"] = f"a change could not be applied ({type(exc).__name__}); see the log"
+        self._source_problems()
         self._check_workers()
         self._maintain_ruleset()
+
+    def _source_problems(self) -> None:
+        """Refused changes and unreadable objects: what is enforced is not what was given."""
+        assert self.source is not None
+        try:
+            found = self.source.problems()
+        except Exception as exc:  # a status bug must not end enforcement
+            found = {"source": f"{type(exc).__name__}"}
+        for key in [k for k in self.problems if k.startswith("source:") and k[7:] not in found]:
+            del self.problems[key]
+        for topic, message in found.items():
+            if self.problems.get(f"source:{topic}") != message:
+                self.metrics.control.error("source")
+            self.problems[f"source:{topic}"] = message
 
     def stop(self) -> None:
         self._stop.set()

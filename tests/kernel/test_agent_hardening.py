@@ -5,7 +5,8 @@ and fixtures this module shares) against an operator's bad day.
   `iptables -t mangle -F`, a foreign rule in our chain or above our queue rule, a pod IP removed
   from our set) is noticed from nf_tables notifications and restored within a second, counted in
   ruleset_restores_total; the denied pair is denied again;
-- a manifest that cannot be read never takes the agent down: the previous state stays enforced;
+- a manifest that cannot be read never takes the agent down: the previous state stays enforced
+  and /readyz fails until the files are fixed;
 - --ruleset-on-exit=keep keeps a fail-closed agent's rules across a restart, and
   `kube-network-policies cleanup` removes them.
 """
@@ -97,11 +98,16 @@ def test_unreadable_manifests_keep_the_previous_state_in_force(lab: Lab, start: 
     write(agent.manifests / "bomb.yaml", "a: " + "[" * 100_000 + "]" * 100_000 + "\n")
     big_int = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {n: '1'}}\nspec: {n: " + "9" * 5000 + "}\n"
     write(agent.manifests / "int.yaml", big_int)
-    time.sleep(1.5)  # the file source polls every 0.1 s
+    wait_for("the agent to report the refusal", lambda: agent.get("/readyz")[0] == 503, detail=lambda: agent.log[-3000:])
     assert agent.process.poll() is None, f"the agent exited:\n{agent.log[-3000:]}"
+    assert "source:manifests" in (agent.status() or {}).get("problems", {})
     assert lab.nft_table().returncode == 0
     assert lab.probe(("a4", "b4", 80), ("a6", "b6", 80)) == [False, False]
     assert "Traceback" not in agent.log
+    # Fixed: enforced and ready again.
+    (agent.manifests / "bomb.yaml").unlink()
+    (agent.manifests / "int.yaml").unlink()
+    wait_for("the agent to be ready again", lambda: agent.get("/readyz")[0] == 200, detail=lambda: agent.log[-3000:])
     assert agent.terminate() == 0
 
 

@@ -66,6 +66,9 @@ class NoSource:
     def status(self) -> dict[str, object]:
         return {}
 
+    def problems(self) -> dict[str, str]:
+        return {}
+
     def stop(self) -> None:
         pass
 
@@ -252,3 +255,25 @@ def test_a_fight_over_the_ruleset_is_reported() -> None:
     agent._check_at = 0.0
     agent._maintain_ruleset()
     assert agent.is_ready()
+
+
+def test_a_refused_or_unreadable_input_makes_the_agent_not_ready() -> None:
+    """A manifest change refused as a whole, or an object from the API this agent cannot read:
+    the previous state stays in force, which is not what the operator asked for."""
+    agent, _ = running_agent()
+
+    class Refusing(NoSource):
+        found = {"manifests": "the manifest files changed but were refused"}
+
+        def problems(self) -> dict[str, str]:
+            return dict(self.found)
+
+    source = Refusing()
+    agent.source = source  # type: ignore[assignment]
+    agent._step()
+    assert not agent.is_ready() and agent.problems == {"source:manifests": "the manifest files changed but were refused"}
+    agent._step()
+    assert agent.metrics.control.errors == {"source": 1}  # counted once, not once per turn
+    source.found = {}
+    agent._step()
+    assert agent.is_ready() and agent.problems == {}

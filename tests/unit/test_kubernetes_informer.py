@@ -424,10 +424,18 @@ def test_invalid_update_keeps_the_previous_version() -> None:
     assert inf.counters["invalid"] == 1 and inf.resource_version == "11"
     pod = rec.objects[("Pod", "shop", "web-1")]
     assert isinstance(pod, Pod) and pod.ips == ("10.0.0.5", "fd00::5")
+    assert inf.invalid_keys == {("Pod", "shop", "web-1")}  # the agent reports it (not ready)
     # Listed again while still invalid: kept, not deleted.
     s.listing(12, [bad])
     inf._list()
     assert ("Pod", "shop", "web-1") in rec.objects
+    assert inf.invalid_keys == {("Pod", "shop", "web-1")}
+    # Fixed: no longer a problem. Invalid, then deleted: neither.
+    fixed = variant()
+    fixed["metadata"]["resourceVersion"] = "13"
+    s.watch(event("MODIFIED", fixed), event("MODIFIED", bad), event("DELETED", bad))
+    inf._watch()
+    assert inf.invalid_keys == set()
 
 
 def test_missing_crd_is_an_api_error_with_a_clear_message() -> None:

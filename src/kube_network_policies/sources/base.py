@@ -59,5 +59,9 @@ class Source(Protocol):
     def status(self) -> dict[str, object]:
         """For /statusz."""
 
+    def problems(self) -> dict[str, str]:
+        """Why what this source delivered is not what it was given, by topic (a refused change,
+        objects that cannot be read); {} when nothing. Each makes the agent not ready."""
+
     def stop(self) -> None:
         """Stop reading; idempotent."""

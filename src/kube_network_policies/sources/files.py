@@ -409,5 +409,9 @@ class ManifestSource:
         return {"manifests": {"synced": self._opened, "digest": self.digest, "objects": len(self.objects), "paths": self.paths,
                               "files": len(self._cache), "error": self.error}}
 
+    def problems(self) -> dict[str, str]:
+        """A refused change: the files are not what is enforced."""
+        return {"manifests": "the manifest files changed but were refused; the previous state stays in force (see the log)"} if self.error else {}
+
     def stop(self) -> None:
         pass

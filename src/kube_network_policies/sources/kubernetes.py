@@ -864,6 +864,7 @@ class Informer:
         self.synced = False
         self.last_error: str | None = None
         self.counters = {"lists": 0, "relists": 0, "watches": 0, "events": 0, "invalid": 0, "errors": 0, "list_restarts": 0}
+        self.invalid_keys: set[Key] = set()  # objects present now that did not decode or validate
         self.last_list: dict[str, float] = {}
         self._sink = sink
         self._transport = transport
@@ -1054,6 +1055,7 @@ class Informer:
         for key in [k for k in cache if k not in snapshot and k not in keep]:
             changes.append(Change(key, cache.pop(key), None))
         self.resource_version = rv
+        self.invalid_keys = set(keep)
         self._sink(r, changes, rv)
         first = not self.synced
         self.synced = True
@@ -1148,18 +1150,22 @@ class Informer:
         if kind == "DELETED":
             key, rv = self.codec.key_of(event.object)
             if key is not None:
+                self.invalid_keys.discard(key)
                 old = cache.pop(key, None)
                 if old is not None:
                     changes.append(Change(key, old, None))
         elif kind in ("ADDED", "MODIFIED"):
             key, obj, rv, error = self.codec.item(event.object)
             if obj is not None and key is not None:
+                self.invalid_keys.discard(key)
                 old = cache.get(key)
                 if old is None or old != obj:
                     cache[key] = obj
                     changes.append(Change(key, old, obj))
             elif error is not None:
                 self._invalid(error, key)
+                if key is not None:
+                    self.invalid_keys.add(key)
         else:
             log.warning("%s: ignoring a watch event of unknown type %r", self.resource.name, kind)
             return
@@ -1263,6 +1269,16 @@ class KubernetesSource:
 
     def status(self) -> dict[str, object]:
         return {i.resource.name: i.status() for i in self.informers}
+
+    def problems(self) -> dict[str, str]:
+        """Objects the API holds that this agent cannot read: not enforced as written (a valid
+        earlier version stays in force, or nothing)."""
+        out = {}
+        for i in self.informers:
+            n = len(i.invalid_keys)
+            if n:
+                out[i.resource.name] = f"{n} object(s) cannot be read here and are not enforced as written (see the log)"
+        return out
 
     def stop(self) -> None:
         for informer in self.informers:
