@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 
+import packets
 import pytest
 import test_agent  # tests/kernel/test_agent.py: its topology, agent runner and helpers
 from test_agent import A4, A6, B4, B6, QUEUE, AgentProcess, Lab, wait_for
@@ -31,18 +32,6 @@ start = test_agent.start
 TIMEOUT = 0.8  # a dropped SYN is retransmitted after 1 s: a shorter wait sees the first one's fate
 
 
-def destination_options(size: int) -> bytes:
-    """IPV6_DSTOPTS payload: a `size`-byte destination options header of unknown options that
-    receivers skip (type 0x1e); the kernel fills in the next-header byte."""
-    body = b""
-    left = size - 2
-    while left:
-        n = min(255, left - 2)
-        body += bytes([0x1E, n]) + bytes(n)
-        left -= n + 2
-    return bytes([0, size // 8 - 1]) + body
-
-
 def connect(lab: Lab, dst: str, port: int, *, options: int = 0) -> bool:
     """A TCP connection from pod A; with `options`, every packet (the SYN too) carries a
     destination options header of that many bytes (IPv6)."""
@@ -51,7 +40,7 @@ def connect(lab: Lab, dst: str, port: int, *, options: int = 0) -> bool:
         s = socket.socket(family, socket.SOCK_STREAM)
     try:
         if options:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, destination_options(options))
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, packets.destination_options(options))
         s.settimeout(TIMEOUT)
         s.connect((dst, port))
         return True

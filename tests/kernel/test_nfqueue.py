@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import netns
+import packets
 import pytest
 
 from kube_network_policies.dataplane.nfqueue import (
@@ -223,20 +224,6 @@ def consuming(q: NfQueue, decide: Callable[[memoryview], bool]) -> Iterator[NfQu
     assert not failure, f"consumer crashed: {failure[0]!r}"
 
 
-def destination_options(size: int) -> bytes:
-    """An IPv6 destination options header of `size` bytes (multiple of 8, below 2048) for
-    IPV6_DSTOPTS: unknown options of type 0x1e (RFC 3692 experiment; skipped by receivers, which
-    accept up to 8 of them: net.ipv6.max_dst_opts_number).
-    The kernel fills in the next-header byte."""
-    body = b""
-    left = size - 2
-    while left:
-        n = min(255, left - 2)
-        body += bytes([0x1E, n]) + bytes(n)
-        left -= n + 2
-    return bytes([0, size // 8 - 1]) + body
-
-
 def connect(pair: netns.NetnsPair, port: int, *, v6: bool = False, timeout: float = 3.0, options: int = 0) -> str:
     """TCP connect from the client namespace: "connected", "timeout" or "refused". options: size
     of a destination options header on every packet (IPv6), the SYN included."""
@@ -245,7 +232,7 @@ def connect(pair: netns.NetnsPair, port: int, *, v6: bool = False, timeout: floa
     with pair.client.entered():
         s = socket.socket(family, socket.SOCK_STREAM)
     if options:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, destination_options(options))
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, packets.destination_options(options))
     s.settimeout(timeout)
     try:
         s.connect((pair.server_ip6 if v6 else pair.server_ip4, port))

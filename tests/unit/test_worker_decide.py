@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import packets
 import pytest
 
 from kube_network_policies.dataplane.nfqueue import ACCEPT, ACCEPT_JUDGED, DROP
@@ -55,13 +56,7 @@ def v6(src: str, dst: str, dport: int, *, options: int = 0, first: int | None = 
     body = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 0x50, 0x02, 64240, 0, 0)
     nh = TCP
     if options:
-        opts = b""
-        left = options - 2
-        while left:
-            n = min(255, left - 2)
-            opts += bytes([0x1E, n]) + bytes(n)
-            left -= n + 2
-        body = struct.pack("!BB", nh, options // 8 - 1) + opts + body
+        body = packets.destination_options(options, next_header=nh) + body
         nh = DSTOPTS
     if first is not None:
         nh = first
