@@ -164,11 +164,11 @@ def _scenario_status(status: int, paths: list[str]) -> int:
         return status
     from kube_network_policies.lab.scenario import ScenarioError, find_scenario_files, load_scenario
 
-    for path in find_scenario_files(paths):
-        try:
+    try:
+        for path in find_scenario_files(paths):
             load_scenario(path)
-        except ScenarioError:
-            return EXIT_USAGE
+    except ScenarioError:
+        return EXIT_USAGE
     return status
 
 

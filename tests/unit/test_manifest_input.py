@@ -329,3 +329,20 @@ def test_fixed_file_after_refusal_is_applied(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(policy("b"))
     batch = src.take()
     assert batch is not None and src.error == "" and list(src.objects) == [("NetworkPolicy", "x", "b")]
+
+
+def test_lab_run_refuses_an_unreadable_scenario_directory(tmp_path: Path) -> None:
+    """A scenario suite must not pass by leaving a directory out."""
+    scenarios = ROOT / "tests" / "scenarios" / "admin-v1alpha1"
+    sub = tmp_path / "more"
+    sub.mkdir()
+    (tmp_path / "one.yaml").write_text((scenarios / "anp-empty-peer-fails-closed.yaml").read_text())
+    (sub / "two.yaml").write_text((scenarios / "anp-pass-delegates-to-networkpolicy.yaml").read_text())
+    os.chmod(sub, 0)
+    try:
+        r = knp("lab", "run", "--engine-only", str(tmp_path), unprivileged=True)
+    finally:
+        os.chmod(sub, 0o755)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"ERROR {sub}: cannot read directory: Permission denied" in r.stdout
+    assert knp("lab", "run", "--engine-only", str(tmp_path)).returncode == 0  # readable: both pass

@@ -232,11 +232,15 @@ def truth_table(pr: ProbeResult) -> str:
 def run_paths(paths: Iterable[str], mode: Mode, out: TextIO = sys.stdout, verbose: bool = False, tables: bool = False) -> int:
     """Run every scenario under `paths`; print results and `N passed, M failed[, K skipped]`.
     Returns the exit status: 0 only when nothing failed."""
-    files = find_scenario_files(list(paths))
     passed = failed = skipped = 0
+    try:
+        files = find_scenario_files(list(paths))
+    except ScenarioError as exc:  # a path that cannot be listed: no suite passes without it
+        print(f"ERROR {exc.describe()}", file=out)
+        files, failed = [], 1
     skip_reasons: dict[str, int] = {}
     names: dict[str, str] = {}
-    if not files:
+    if not files and not failed:
         print("no scenario files found", file=out)
         failed += 1
     for path in files:

@@ -17,7 +17,7 @@ from kube_network_policies.model.core import HOSTNAME_LABEL
 from kube_network_policies.model.errors import FieldError
 from kube_network_policies.model.fields import Fields
 from kube_network_policies.sources.decode import DecodeError, load_yaml
-from kube_network_policies.sources.files import ManifestError, read_file
+from kube_network_policies.sources.files import ManifestError, manifest_files, read_file
 
 FEATURES = (
     "admin-network-policy",
@@ -155,15 +155,13 @@ class Scenario:
 
 
 def find_scenario_files(paths: list[str]) -> list[Path]:
-    """Files named directly, and every *.yaml under a directory (recursively), sorted."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*.yaml") if q.is_file()))
-        else:
-            out.append(p)
-    return out
+    """Files named directly, and every *.yaml under a directory (recursively), sorted. A path
+    that cannot be listed or read is a ScenarioError: a suite must not pass by leaving a
+    directory out."""
+    try:
+        return manifest_files(paths, (".yaml",))
+    except ManifestError as exc:
+        raise ScenarioError(str(exc).split(":", 1)[0], [FieldError("", str(exc).split(": ", 1)[-1])]) from None
 
 
 def load_scenario(path: Path) -> Scenario:

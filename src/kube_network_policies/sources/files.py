@@ -61,9 +61,10 @@ class Located:
 # --- finding and reading files ------------------------------------------------------------------
 
 
-def _walk(paths: list[str]) -> list[tuple[Path, str]]:
-    """(path, name relative to its root) of every manifest file; raises ManifestError for any
-    path that cannot be listed or read."""
+def _walk(paths: list[str], suffixes: tuple[str, ...] = MANIFEST_SUFFIXES) -> list[tuple[Path, str]]:
+    """(path, name relative to its root) of every file named directly and every file with one of
+    `suffixes` under a directory; raises ManifestError for any path that cannot be listed or
+    read."""
     out: list[tuple[Path, str]] = []
     for raw in paths:
         p = Path(raw)
@@ -74,7 +75,7 @@ def _walk(paths: list[str]) -> list[tuple[Path, str]]:
         except OSError as exc:
             raise ManifestError(f"{raw}: cannot read: {exc.strerror or exc}") from None
         if stat.S_ISDIR(st.st_mode):
-            _walk_dir(p, "", out, {(st.st_dev, st.st_ino)})
+            _walk_dir(p, "", out, {(st.st_dev, st.st_ino)}, suffixes)
         elif stat.S_ISREG(st.st_mode):
             out.append((p, p.name))
         else:
@@ -82,7 +83,7 @@ def _walk(paths: list[str]) -> list[tuple[Path, str]]:
     return out
 
 
-def _walk_dir(d: Path, rel: str, out: list[tuple[Path, str]], ancestors: set[tuple[int, int]]) -> None:
+def _walk_dir(d: Path, rel: str, out: list[tuple[Path, str]], ancestors: set[tuple[int, int]], suffixes: tuple[str, ...]) -> None:
     try:
         with os.scandir(d) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -92,7 +93,7 @@ def _walk_dir(d: Path, rel: str, out: list[tuple[Path, str]], ancestors: set[tup
         if e.name.startswith("."):
             continue
         path, name = Path(e.path), f"{rel}{e.name}"
-        is_manifest = e.name.endswith(MANIFEST_SUFFIXES)
+        is_manifest = e.name.endswith(suffixes)
         try:
             st = os.stat(e.path)  # follows symlinks, like a reader of the file
         except OSError as exc:
@@ -103,15 +104,18 @@ def _walk_dir(d: Path, rel: str, out: list[tuple[Path, str]], ancestors: set[tup
             ident = (st.st_dev, st.st_ino)
             if ident in ancestors:
                 raise ManifestError(f"{path}: symlink loop (a directory that contains itself)")
-            _walk_dir(path, f"{name}/", out, ancestors | {ident})
+            _walk_dir(path, f"{name}/", out, ancestors | {ident}, suffixes)
         elif is_manifest:
             if not stat.S_ISREG(st.st_mode):
                 raise ManifestError(f"{path}: not a regular file")
             out.append((path, name))
 
 
-def manifest_files(paths: list[str]) -> list[Path]:
-    return [p for p, _ in _walk(paths)]
+def manifest_files(paths: list[str], suffixes: tuple[str, ...] = MANIFEST_SUFFIXES) -> list[Path]:
+    """Every file named in `paths` and every file with one of `suffixes` under a directory in
+    them (hidden names skipped); ManifestError for anything that cannot be listed or read, so
+    that nothing is left out silently."""
+    return [p for p, _ in _walk(paths, suffixes)]
 
 
 def read_file(path: Path) -> bytes:
