@@ -530,7 +530,9 @@ def test_first_change_after_an_outage_arrives_within_two_seconds(controlplane: C
             record_property("first_change_after_outage_seconds", round(delay, 3))
             assert pods.counters["errors"] > errors, "the outage went unnoticed: it tested nothing"
             assert delay <= 2.0, f"the first change after the outage took {delay:.1f} s"
-            assert rec.in_namespace(namespace) == api_objects(cp, PODS, namespace)
+            # The pod's IP is written after it is created (status subresource): wait for that too.
+            expected = api_objects(cp, PODS, namespace)
+            rec.wait(lambda _: rec.in_namespace(namespace) == expected, what="the informer to hold what the API holds")
     finally:
         if proxy is not None:
             proxy.close()

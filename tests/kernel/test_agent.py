@@ -355,16 +355,20 @@ def test_enforcement_reload_refusal_and_metrics(lab: Lab, start: Callable[..., A
     generation, digest = st["generation"], st["digest"]
     assert lab.probe(("a4", "b4", 80), ("a6", "b6", 80), ("a4", "b4", 81), ("a6", "b6", 81)) == [True, True, False, False]
 
-    # An invalid manifest is refused as a whole: the error is logged, the previous state stays.
+    # An invalid manifest is refused as a whole: the error is logged, the previous state stays,
+    # and the agent is not ready (what it enforces is not what the files say) until it is fixed.
     bad = agent.manifests / "zz-invalid.yaml"
     write(bad, INVALID)
     wait_for("the refusal in the log", lambda: "manifests not applied" in agent.log, detail=lambda: agent.log)
     assert f"{bad} document 1" in agent.log and "spec.ingress[0].from[0].ipBlock.except[0]" in agent.log
     assert "Traceback" not in agent.log
+    wait_for("/readyz to fail", lambda: agent.get("/readyz") == (503, "not ready\n"))
     st = agent.status()
-    assert st is not None and (st["generation"], st["digest"], st["ready"]) == (generation, digest, True)
-    assert agent.get("/readyz") == (200, "ok\n")
+    assert st is not None and (st["generation"], st["digest"], st["ready"]) == (generation, digest, False)
+    assert "source:manifests" in st["problems"]
     assert lab.probe(("a4", "b4", 80), ("a6", "b6", 80), ("a4", "b4", 81)) == [True, True, False]
+    bad.unlink()
+    wait_for("/readyz to answer again", lambda: agent.get("/readyz") == (200, "ok\n"))
 
     # /metrics after traffic (workers ship their counters about once a second).
     def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -534,14 +534,26 @@ def _crd_documents(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, An
     return list(chosen.values())
 
 
-def _crd_rank(doc: dict[str, Any]) -> tuple[bool, tuple[int, ...]]:
-    """Several releases of one CRD (shared/crds holds v0.1.5 and v0.1.7, v0.2.0 and v0.3.0):
-    install one, the experimental channel (a superset) of the newest bundle version. Installing
-    each in turn would replace a CRD whose stored versions the next one may not serve."""
-    annotations = doc.get("metadata", {}).get("annotations") or {}
-    version = str(annotations.get("policy.networking.k8s.io/bundle-version", "v0")).lstrip("v")
-    numbers = tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
-    return annotations.get("policy.networking.k8s.io/channel") == "experimental", numbers
+# The releases whose CRDs this agent is built and tested against (README): shared/crds holds
+# newer ones too (v0.1.7, v0.3.0), whose validation differs (v0.3.0 refuses CIDRs with host bits
+# in `networks`). They are installed only for a CRD with none of these.
+TESTED_BUNDLES = {
+    "adminnetworkpolicies.policy.networking.k8s.io": "v0.1.1",  # unchanged up to v0.1.5
+    "baselineadminnetworkpolicies.policy.networking.k8s.io": "v0.1.1",
+    "clusternetworkpolicies.policy.networking.k8s.io": "v0.2.0",
+}
+
+
+def _crd_rank(doc: dict[str, Any]) -> tuple[bool, bool, tuple[int, ...]]:
+    """Several releases of one CRD: install one, the release the agent is tested against, else
+    the experimental channel (a superset) of the newest bundle. Installing each in turn would
+    replace a CRD whose stored versions the next one may not serve."""
+    meta = doc.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    bundle = str(annotations.get("policy.networking.k8s.io/bundle-version", "v0"))
+    numbers = tuple(int(p) if p.isdigit() else 0 for p in bundle.lstrip("v").split("."))
+    tested = TESTED_BUNDLES.get(str(meta.get("name"))) == bundle
+    return tested, annotations.get("policy.networking.k8s.io/channel") == "experimental", numbers
 
 
 def install_crds(
