@@ -6,9 +6,9 @@
 #     2. the scenario suite in lab mode (real agents, nftables, NFQUEUE, network namespaces) and
 #        in lab mode through a real kube-apiserver, when running as root;
 #     3. pytest: unit, kernel (root) and integration (real kube-apiserver + etcd) tests;
-#     4. mypy --strict on the package.
+#     4. mypy --strict on the package, ruff (lint and format) on the package and the tests.
 #   bash scripts/test.sh --fast   the developers' loop: what needs neither root nor the control
-#                                 plane (engine-mode scenarios, unit tests, mypy); under a minute.
+#                                 plane (engine-mode scenarios, unit tests, mypy, ruff); under a minute.
 #
 # Kernel and integration tests skip with a reason when they cannot run, except with CI=true,
 # where they fail instead.
@@ -42,6 +42,8 @@ else
   echo "== pytest (all: unit, kernel, control plane)"
   .venv/bin/python -m pytest -q -m "" || status=1
 fi
-echo "== mypy --strict"
+echo "== mypy --strict, ruff"
 .venv/bin/python -m mypy --strict src || status=1
+.venv/bin/ruff check src tests || status=1
+.venv/bin/ruff format --check src tests || status=1
 exit $status

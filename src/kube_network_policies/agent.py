@@ -37,7 +37,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -73,10 +73,21 @@ Key = tuple[str, str, str]
 Op = tuple[Any, ...]
 
 # Per-source /statusz fields shown without -status-details: what tools wait on, and counters.
-_PUBLIC_SOURCE_STATUS = frozenset({
-    "synced", "resourceVersion", "appliedResourceVersion", "digest", "objects",
-    "lists", "relists", "watches", "events", "invalid", "errors",
-})
+_PUBLIC_SOURCE_STATUS = frozenset(
+    {
+        "synced",
+        "resourceVersion",
+        "appliedResourceVersion",
+        "digest",
+        "objects",
+        "lists",
+        "relists",
+        "watches",
+        "events",
+        "invalid",
+        "errors",
+    }
+)
 
 
 class AgentError(Exception):
@@ -87,7 +98,7 @@ class AgentError(Exception):
 class AgentConfig:
     manifests: tuple[str, ...]  # standalone mode; empty: the Kubernetes API
     node: str
-    features: Features = Features()
+    features: Features = field(default_factory=Features)
     fail_open: bool = False
     queue_id: int = 100
     queue_count: int = 1
@@ -188,7 +199,9 @@ class Agent:
         except DataplaneError as exc:
             raise AgentError(f"nftables is not usable here (are we root, with nft and iptables installed?): {exc}") from None
         try:
-            ruleset_config = RulesetConfig(backend=backend, queue_id=cfg.queue_id, queue_count=cfg.queue_count, fail_open=cfg.fail_open, accept_cache=cfg.accept_cache)
+            ruleset_config = RulesetConfig(
+                backend=backend, queue_id=cfg.queue_id, queue_count=cfg.queue_count, fail_open=cfg.fail_open, accept_cache=cfg.accept_cache
+            )
         except ValueError as exc:
             raise AgentError(str(exc)) from None
         self._ruleset = Ruleset(ruleset_config)
@@ -224,8 +237,13 @@ class Agent:
         self.ready = True
         log.info(
             "ready: node %s, %d objects, synced in %.2f s, %d local pod IPs diverted, queue %d-%d (%s)",
-            cfg.node, len(self.objects), time.monotonic() - started, sum(len(s) for s in self._managed),
-            cfg.queue_id, cfg.queue_id + cfg.queue_count - 1, backend.value,
+            cfg.node,
+            len(self.objects),
+            time.monotonic() - started,
+            sum(len(s) for s in self._managed),
+            cfg.queue_id,
+            cfg.queue_id + cfg.queue_count - 1,
+            backend.value,
         )
 
     def is_ready(self) -> bool:
@@ -289,7 +307,7 @@ class Agent:
         assert self.source is not None
         try:
             found = self.source.problems()
-        except Exception as exc:  # a status bug must not end enforcement
+        except Exception as exc:  # noqa: BLE001 - a status bug must not end enforcement
             found = {"source": f"{type(exc).__name__}"}
         for key in [k for k in self.problems if k.startswith("source:") and k[7:] not in found]:
             del self.problems[key]
@@ -378,7 +396,10 @@ class Agent:
         if ops or "digest" in batch.marks:
             log.log(
                 logging.INFO if "digest" in batch.marks else logging.DEBUG,
-                "applied %d changes in %.1f ms (generation %d)", len(ops), (time.monotonic() - started) * 1000, self.generation,
+                "applied %d changes in %.1f ms (generation %d)",
+                len(ops),
+                (time.monotonic() - started) * 1000,
+                self.generation,
             )
 
     def _ops(self, changes: list[Change]) -> list[Op]:
@@ -619,7 +640,9 @@ class Agent:
             if time.monotonic() > deadline:
                 for w in self._workers:
                     if w.applied < generation and w.process.is_alive():
-                        log.error("worker for queue %d did not apply generation %d within %.0f s: restarting it", w.queue_num, generation, APPLY_TIMEOUT_S)
+                        log.error(
+                            "worker for queue %d did not apply generation %d within %.0f s: restarting it", w.queue_num, generation, APPLY_TIMEOUT_S
+                        )
                         self.metrics.control.error("worker_timeout")
                         w.process.kill()
                         w.process.join(1.0)
@@ -723,4 +746,3 @@ def run_agent(config: AgentConfig) -> int:
     finally:
         agent.shutdown()
     return 0
-

@@ -18,7 +18,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kube-network-policies", description="Kubernetes network policy agent: NetworkPolicy, AdminNetworkPolicy, ClusterNetworkPolicy.")
+    parser = _Parser(
+        prog="kube-network-policies", description="Kubernetes network policy agent: NetworkPolicy, AdminNetworkPolicy, ClusterNetworkPolicy."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ex = sub.add_parser("explain", help="explain whether a connection is allowed by policies in manifest files, and why")
@@ -30,9 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", "-o", default="text", choices=["text", "json"])
 
     run = sub.add_parser("run", help="run the agent on this node", allow_abbrev=False)
-    run.add_argument("--manifests", nargs="+", metavar="PATH", help="standalone mode: enforce the objects in these files or directories (re-read when they change); without it the agent watches the Kubernetes API")
-    run.add_argument("--kubeconfig", "-kubeconfig", metavar="PATH", help="Kubernetes mode: the kubeconfig to use (default: the in-cluster service account, then $KUBECONFIG)")
-    run.add_argument("--hostname-override", "-hostname-override", dest="hostname", metavar="NODE", help="this node's name (default: $NODE_NAME, then the host name)")
+    run.add_argument(
+        "--manifests",
+        nargs="+",
+        metavar="PATH",
+        help="standalone mode: enforce the objects in these files or directories (re-read when they change); without it the agent watches the Kubernetes API",
+    )
+    run.add_argument(
+        "--kubeconfig",
+        "-kubeconfig",
+        metavar="PATH",
+        help="Kubernetes mode: the kubeconfig to use (default: the in-cluster service account, then $KUBECONFIG)",
+    )
+    run.add_argument(
+        "--hostname-override",
+        "-hostname-override",
+        dest="hostname",
+        metavar="NODE",
+        help="this node's name (default: $NODE_NAME, then the host name)",
+    )
     add_agent_flags(run)
 
     lab = sub.add_parser("lab", help="scenario runner and local lab")
@@ -43,9 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="also list passing scenarios")
     run.add_argument("--tables", action="store_true", help="print the truth table of every probe, not only of wrong ones")
     run.add_argument("--timeout", type=float, default=1.0, help="lab mode: seconds a probe waits before it counts as denied (default 1.0)")
-    run.add_argument("--apiserver", action="store_true", help="lab mode through a real kube-apiserver: objects created over the API, agents in Kubernetes mode")
+    run.add_argument(
+        "--apiserver", action="store_true", help="lab mode through a real kube-apiserver: objects created over the API, agents in Kubernetes mode"
+    )
     up = lab_sub.add_parser("up", help="bring up a lab cluster with a real API server and leave it running (root)")
-    up.add_argument("path", nargs="?", default=None, metavar="SCENARIO", help="the scenario whose nodes, namespaces and pods to create (default: the bundled demo)")
+    up.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        metavar="SCENARIO",
+        help="the scenario whose nodes, namespaces and pods to create (default: the bundled demo)",
+    )
     lab_sub.add_parser("down", help="remove the lab cluster `lab up` left running")
     latency = lab_sub.add_parser("latency", help="policy-change-to-enforcement latency through a real API server, as seen by probes (root)")
     latency.add_argument("--changes", type=int, default=40)
@@ -59,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     lbench.add_argument("--pods", type=int, default=10_000, help="synthetic pods on other nodes (default 10000)")
     lbench.add_argument("--policies", type=int, default=1_000, help="NetworkPolicies (default 1000)")
     lbench.add_argument("--concurrency", type=int, default=64, help="connections in flight per workload (default 64)")
-    lbench.add_argument("--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL", help="run the agent with its accept cache (default true)")
+    lbench.add_argument(
+        "--accept-cache",
+        dest="accept_cache",
+        nargs="?",
+        const=True,
+        default=True,
+        type=_bool,
+        metavar="BOOL",
+        help="run the agent with its accept cache (default true)",
+    )
 
     sub.add_parser("cleanup", help="remove every nftables and iptables rule an agent left on this node (manual uninstall; root)")
 
@@ -110,18 +145,59 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
         ("baseline-admin-network-policy", "enforce BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
         ("cluster-network-policy", "enforce ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2)"),
     ):
-        p.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text)
+        p.add_argument(
+            f"-{name}", f"--{name}", dest=name.replace("-", "_"), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text
+        )
     p.add_argument("-nfqueue-id", "--nfqueue-id", dest="nfqueue_id", type=_queue, default=100, metavar="N", help="first NFQUEUE number (default 100)")
-    p.add_argument("-nfqueue-count", "--nfqueue-count", dest="nfqueue_count", type=_count, default=1, metavar="N", help="queues (one worker process each, default 1)")
-    p.add_argument("-accept-cache", "--accept-cache", dest="accept_cache", nargs="?", const=True, default=True, type=_bool, metavar="BOOL",
-                   help="remember accepted (source, destination, protocol, port) tuples in the kernel for 30 s, so repeated connections skip userspace; emptied on every state change (default true)")
-    p.add_argument("-metrics-bind-address", "--metrics-bind-address", dest="metrics_bind_address", default=":9080", metavar="ADDR", help="metrics and health endpoints (default :9080)")
-    p.add_argument("-ruleset-on-exit", "--ruleset-on-exit", dest="ruleset_on_exit", choices=["auto", "keep", "remove"], default="auto",
-                   help="on SIGTERM: keep the nftables rules for the next agent, remove them, or auto (default): fail-open keeps; "
-                        "fail-closed keeps unless the API shows the agent's DaemonSet is gone or no longer runs on this node "
-                        "(Kubernetes mode) and removes in standalone mode")
-    p.add_argument("-status-details", "--status-details", dest="status_details", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
-                   help="show diverted pod IPs and error texts on /statusz, to whoever reaches the metrics address (default false)")
+    p.add_argument(
+        "-nfqueue-count",
+        "--nfqueue-count",
+        dest="nfqueue_count",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="queues (one worker process each, default 1)",
+    )
+    p.add_argument(
+        "-accept-cache",
+        "--accept-cache",
+        dest="accept_cache",
+        nargs="?",
+        const=True,
+        default=True,
+        type=_bool,
+        metavar="BOOL",
+        help="remember accepted (source, destination, protocol, port) tuples in the kernel for 30 s, so repeated connections skip userspace; emptied on every state change (default true)",
+    )
+    p.add_argument(
+        "-metrics-bind-address",
+        "--metrics-bind-address",
+        dest="metrics_bind_address",
+        default=":9080",
+        metavar="ADDR",
+        help="metrics and health endpoints (default :9080)",
+    )
+    p.add_argument(
+        "-ruleset-on-exit",
+        "--ruleset-on-exit",
+        dest="ruleset_on_exit",
+        choices=["auto", "keep", "remove"],
+        default="auto",
+        help="on SIGTERM: keep the nftables rules for the next agent, remove them, or auto (default): fail-open keeps; "
+        "fail-closed keeps unless the API shows the agent's DaemonSet is gone or no longer runs on this node "
+        "(Kubernetes mode) and removes in standalone mode",
+    )
+    p.add_argument(
+        "-status-details",
+        "--status-details",
+        dest="status_details",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_bool,
+        metavar="BOOL",
+        help="show diverted pod IPs and error texts on /statusz, to whoever reaches the metrics address (default false)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -206,8 +282,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "bench":
         from kube_network_policies.lab.bench_lab import run_lab_bench
 
-        return run_lab_bench(seconds=args.seconds, rounds=args.rounds, as_json=args.json, warmup=args.warmup,
-                             pods=args.pods, policies=args.policies, concurrency=args.concurrency, accept_cache=args.accept_cache)
+        return run_lab_bench(
+            seconds=args.seconds,
+            rounds=args.rounds,
+            as_json=args.json,
+            warmup=args.warmup,
+            pods=args.pods,
+            policies=args.policies,
+            concurrency=args.concurrency,
+            accept_cache=args.accept_cache,
+        )
     if not args.apiserver:
         from kube_network_policies.lab.netns_mode import LabMode
 

@@ -220,8 +220,7 @@ def _find_head_end(buf: bytes) -> int:
 def _render(status: int, body: bytes, ctype: str, *, head_only: bool, close: bool, extra: str = "") -> bytes:
     connection = "Connection: close\r\n" if close else ""
     head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}{connection}\r\n"
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}{connection}\r\n"
     ).encode("latin-1")
     return head if head_only else head + body
 

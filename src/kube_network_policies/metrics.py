@@ -178,7 +178,7 @@ class PacketMetrics:
             buckets, ssum = list(s.buckets), s.sum
             before = self._taken.get(s.labels)
             if before is not None:
-                diff = tuple(a - b for a, b in zip(buckets, before[0]))
+                diff = tuple(a - b for a, b in zip(buckets, before[0], strict=True))
                 dsum = ssum - before[1]
             else:
                 diff, dsum = tuple(buckets), ssum
@@ -229,9 +229,7 @@ class PacketMetrics:
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             series = list(self._by_labels.values())
-        hist = Metric(
-            f"{NAMESPACE}_packet_process_time", "Time it has taken to process each packet (microseconds)", "histogram"
-        )
+        hist = Metric(f"{NAMESPACE}_packet_process_time", "Time it has taken to process each packet (microseconds)", "histogram")
         # The histogram has no verdict label: merge the accept and drop series.
         merged: dict[tuple[str, str], tuple[list[int], float]] = {}
         counter = Metric(f"{NAMESPACE}_packet_count", "Number of packets", "counter")
@@ -250,11 +248,11 @@ class PacketMetrics:
             if acc is None:
                 merged[(proto, family)] = (buckets, ssum)
             else:
-                merged[(proto, family)] = ([a + b for a, b in zip(acc[0], buckets)], acc[1] + ssum)
+                merged[(proto, family)] = ([a + b for a, b in zip(acc[0], buckets, strict=True)], acc[1] + ssum)
         for (proto, family), (buckets, ssum) in sorted(merged.items()):
             labels = {"protocol": proto, "family": family}
             cumulative = 0
-            for bound, c in zip((*self._bounds, math.inf), buckets):
+            for bound, c in zip((*self._bounds, math.inf), buckets, strict=True):
                 cumulative += c
                 hist.add_sample(f"{hist.name}_bucket", {**labels, "le": _go_float(bound)}, cumulative)
             hist.add_sample(f"{hist.name}_sum", labels, ssum)
@@ -347,9 +345,7 @@ class ErrorCounters:
         return [Metric(self.NAME, "", "counter")]
 
     def collect(self) -> Iterator[Metric]:
-        metric = Metric(
-            self.NAME, "Queued packets given the default verdict without evaluation, by reason", "counter"
-        )
+        metric = Metric(self.NAME, "Queued packets given the default verdict without evaluation, by reason", "counter")
         with self._lock:
             counts = sorted(self._counts.items())
         for reason, n in counts:
@@ -554,7 +550,7 @@ class MetricsServer:
             return True
         try:
             return bool(check())
-        except Exception as e:  # a broken check means no
+        except Exception as e:  # noqa: BLE001 - a broken check means no
             log.warning("%s check failed: %s", what, e)
             return False
 
@@ -601,10 +597,7 @@ def _bench(n: int) -> None:
     reg = CollectorRegistry()
     hist = Histogram("h", "h", ["protocol", "family"], buckets=BUCKETS_US, registry=reg)
     cnt = Counter("c", "c", ["protocol", "family", "verdict"], registry=reg)
-    children = {
-        k: (hist.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]]), cnt.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]], str(k[2])))
-        for k in set(keys)
-    }
+    children = {k: (hist.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]]), cnt.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]], str(k[2]))) for k in set(keys)}
     t0 = time.perf_counter()
     for i in range(n):
         h, c = children[keys[i & 1023]]

@@ -55,19 +55,14 @@ def controlplane_bin_dir(request: pytest.FixtureRequest) -> Path:
         skip_or_fail("needs Go to build kube-apiserver and etcd (hack/controlplane/build.sh)")
     # Opt-in: a test run never starts a long build by surprise (CI builds: it must run these).
     allowed = in_ci() or os.environ.get("KNP_BUILD_CONTROLPLANE") == "1"
-    probe = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), "--print-path"], capture_output=True, text=True
-    )
+    probe = subprocess.run(["bash", str(BUILD_SCRIPT), "--print-path"], capture_output=True, text=True)
     if probe.returncode != 0:
         skip_or_fail(f"hack/controlplane/build.sh --print-path failed: {probe.stderr.strip()}")
     bin_dir = Path(probe.stdout.strip())
     if _has_binaries(bin_dir):
         return bin_dir
     if not allowed:
-        skip_or_fail(
-            f"kube-apiserver/etcd not built in {bin_dir}: run hack/controlplane/build.sh "
-            "(10-25 min cold) or set KNP_BUILD_CONTROLPLANE=1"
-        )
+        skip_or_fail(f"kube-apiserver/etcd not built in {bin_dir}: run hack/controlplane/build.sh (10-25 min cold) or set KNP_BUILD_CONTROLPLANE=1")
     # A long build: show its progress on the terminal rather than capturing it.
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
@@ -82,9 +77,7 @@ def controlplane_bin_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def controlplane(
-    controlplane_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ControlPlane]:
+def controlplane(controlplane_bin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A running etcd + kube-apiserver for the whole session (no CRDs: see ``policy_crds``)."""
     cp = ControlPlane.start(controlplane_bin_dir, tmp_path_factory.mktemp("controlplane"))
     try:

@@ -118,12 +118,8 @@ def test_pod_with_status_pod_ips(controlplane: ControlPlane, namespace: str) -> 
     listing = ok(controlplane, "GET", f"{pods}?labelSelector=app%3Dweb")
     assert names(listing) == {"web"}
     # Status validation is real too: at most one IP of each family.
-    bad = {
-        "status": {"podIP": "10.244.1.10", "podIPs": [{"ip": "10.244.1.10"}, {"ip": "10.244.1.11"}]}
-    }
-    status, body = controlplane.request(
-        "PATCH", f"{pods}/web/status", bad, content_type="application/merge-patch+json"
-    )
+    bad = {"status": {"podIP": "10.244.1.10", "podIPs": [{"ip": "10.244.1.10"}, {"ip": "10.244.1.11"}]}}
+    status, body = controlplane.request("PATCH", f"{pods}/web/status", bad, content_type="application/merge-patch+json")
     assert status == 422, body
 
 
@@ -158,9 +154,7 @@ def test_network_policy(controlplane: ControlPlane, namespace: str) -> None:
     assert status == 422, body
 
 
-def test_policy_crds_established(
-    controlplane: ControlPlane, policy_crds: list[str], policy_crds_dir: Path
-) -> None:
+def test_policy_crds_established(controlplane: ControlPlane, policy_crds: list[str], policy_crds_dir: Path) -> None:
     assert set(policy_crds) == {
         "adminnetworkpolicies.policy.networking.k8s.io",
         "baselineadminnetworkpolicies.policy.networking.k8s.io",
@@ -231,9 +225,7 @@ CNP_OBJ: dict[str, Any] = {
 }
 
 
-def test_admin_baseline_and_cluster_policies(
-    controlplane: ControlPlane, policy_crds: list[str]
-) -> None:
+def test_admin_baseline_and_cluster_policies(controlplane: ControlPlane, policy_crds: list[str]) -> None:
     for path, obj in ((ANP, ANP_OBJ), (BANP, BANP_OBJ), (CNP, CNP_OBJ)):
         created = ok(controlplane, "POST", path, obj)
         assert created["spec"] == obj["spec"]
@@ -274,9 +266,7 @@ def test_admin_baseline_and_cluster_policies(
     ],
     ids=["anp-priority-2000", "banp-name-not-default", "cnp-unknown-tier"],
 )
-def test_crd_validation_rejects_invalid(
-    controlplane: ControlPlane, policy_crds: list[str], path: str, obj: dict[str, Any], field: str
-) -> None:
+def test_crd_validation_rejects_invalid(controlplane: ControlPlane, policy_crds: list[str], path: str, obj: dict[str, Any], field: str) -> None:
     status, body = controlplane.request("POST", path, obj)
     assert status == 422, body
     assert body["reason"] == "Invalid"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import secrets
 import signal
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ def make_daemonset(cp: ControlPlane, name: str, pod_spec: dict[str, Any] | None 
     spec = {"containers": [{"name": "agent", "image": "registry.k8s.io/networking/kube-network-policies-python:v0.1.0"}], "hostNetwork": True}
     spec.update(pod_spec or {})
     body = {
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name, "namespace": NS},
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": NS},
         "spec": {"selector": {"matchLabels": {"app": name}}, "template": {"metadata": {"labels": {"app": name}}, "spec": spec}},
     }
     out: dict[str, Any] = ok(cp, "POST", f"/apis/apps/v1/namespaces/{NS}/daemonsets", body)
@@ -54,12 +56,22 @@ def make_daemonset(cp: ControlPlane, name: str, pod_spec: dict[str, Any] | None 
 def make_agent_pod(cp: ControlPlane, name: str, node: str, owner: dict[str, Any] | None) -> None:
     meta: dict[str, Any] = {"name": name, "namespace": NS, "labels": {"app": "agent"}}
     if owner is not None:
-        meta["ownerReferences"] = [{
-            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": owner["metadata"]["name"],
-            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True,
-        }]
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"nodeName": node, "hostNetwork": True, "containers": [{"name": "agent", "image": "x"}]}}
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "DaemonSet",
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"nodeName": node, "hostNetwork": True, "containers": [{"name": "agent", "image": "x"}]},
+    }
     ok(cp, "POST", f"/api/v1/namespaces/{NS}/pods", body)
 
 
@@ -126,8 +138,20 @@ def test_node_no_longer_selected_removes_the_ruleset(cluster: Cluster) -> None:
     cp = cluster.cp
     for labels, pod_spec, taints, expect in (
         ({"pool": "a"}, {"nodeSelector": {"pool": "b"}}, None, "nodeSelector pool=b"),
-        ({"pool": "a"}, {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["a"]}]}]}}}}, None, "node affinity"),
+        (
+            {"pool": "a"},
+            {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["a"]}]}]
+                        }
+                    }
+                }
+            },
+            None,
+            "node affinity",
+        ),
         ({}, {}, [{"key": "dedicated", "value": "db", "effect": "NoExecute"}], "taint dedicated:NoExecute"),
     ):
         node, ds_name, pod = unique("node"), unique("knp"), unique("knp-pod")
@@ -161,19 +185,38 @@ def test_no_answer_keeps_the_ruleset(cluster: Cluster) -> None:
 
 
 def test_node_selected_rules() -> None:
-    node = {"metadata": {"name": "n1", "labels": {"size": "8", "zone": "a"}}, "spec": {"taints": [
-        {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},  # DaemonSets tolerate it
-        {"key": "gpu", "effect": "PreferNoSchedule"},  # never keeps a DaemonSet pod away
-    ]}}
+    node = {
+        "metadata": {"name": "n1", "labels": {"size": "8", "zone": "a"}},
+        "spec": {
+            "taints": [
+                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},  # DaemonSets tolerate it
+                {"key": "gpu", "effect": "PreferNoSchedule"},  # never keeps a DaemonSet pod away
+            ]
+        },
+    }
     assert node_selected({}, node) == ""
     assert node_selected({"tolerations": [{"operator": "Exists"}]}, node) == ""
-    term = lambda *e: {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": list(e)}]}}}}  # noqa: E731
+
+    def term(*e: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": list(e)}]}}}
+        }
+
     assert node_selected(term({"key": "size", "operator": "Gt", "values": ["4"]}), node) == ""
     assert node_selected(term({"key": "size", "operator": "Lt", "values": ["4"]}), node) != ""
     assert node_selected(term({"key": "zone", "operator": "Exists"}, {"key": "x", "operator": "DoesNotExist"}), node) == ""
-    fields = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]},
-        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]}}}}
+    fields = {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]},
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]},
+                    ]
+                }
+            }
+        }
+    }
     assert node_selected(fields, node) == ""
     tainted = {"metadata": {"name": "n1"}, "spec": {"taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]}}
     assert "not tolerated" in node_selected({}, tainted)
@@ -185,8 +228,9 @@ def test_node_selected_rules() -> None:
 
 
 def run_agent_and_stop(cp: ControlPlane, topo: Any, node: str, workdir: Path, pod: str, name: str) -> str:
-    agent = Agent(topo, node, None, [], METRICS_PORT, workdir / f"{name}.log", kubeconfig=cp.kubeconfig_path,
-                  env={"POD_NAMESPACE": NS, "POD_NAME": pod})
+    agent = Agent(
+        topo, node, None, [], METRICS_PORT, workdir / f"{name}.log", kubeconfig=cp.kubeconfig_path, env={"POD_NAMESPACE": NS, "POD_NAME": pod}
+    )
     try:
         wait_for(agent, lambda st: bool(st.get("ready")), 60, "the agent to be ready")
         assert topo.run(topo.node_netns(node), "nft", "list", "table", "inet", TABLE, check=False).returncode == 0

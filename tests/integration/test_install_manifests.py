@@ -63,8 +63,7 @@ GO_RESOURCES = {
         ("policy.networking.k8s.io", "adminnetworkpolicies"),
         ("policy.networking.k8s.io", "baselineadminnetworkpolicies"),
     },
-    "install-cnp.yaml": _GO_CORE
-    | {("", "nodes"), ("policy.networking.k8s.io", "clusternetworkpolicies")},
+    "install-cnp.yaml": _GO_CORE | {("", "nodes"), ("policy.networking.k8s.io", "clusternetworkpolicies")},
 }
 # Where ours differ: our Kubernetes source always watches Nodes (issue 4), the Go agent's
 # NetworkPolicy-only build does not. Ours also grants "get", which shows nothing "list" hides.
@@ -127,9 +126,7 @@ def read_rules(manifest: str) -> set[tuple[str, str]]:
     for rule in role["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no names, no URLs
         verbs = set(rule["verbs"])
-        assert verbs <= READ_VERBS, (
-            f"{manifest}: verbs {sorted(verbs - READ_VERBS)} are not read-only"
-        )
+        assert verbs <= READ_VERBS, f"{manifest}: verbs {sorted(verbs - READ_VERBS)} are not read-only"
         assert {"list", "watch"} <= verbs, f"{manifest}: an informer needs list and watch: {rule}"
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
@@ -167,9 +164,7 @@ def test_objects_and_references(manifest: str) -> None:
     assert role_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME}
     assert role_binding["subjects"] == binding["subjects"]
     # The Role: get this one DaemonSet (exit_decision), nothing else.
-    assert only(docs, "Role")["rules"] == [
-        {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [NAME], "verbs": ["get"]}
-    ]
+    assert only(docs, "Role")["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": [NAME], "verbs": ["get"]}]
     ds = only(docs, "DaemonSet")
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == NAME
     selector = ds["spec"]["selector"]["matchLabels"]
@@ -227,9 +222,7 @@ def test_image_files() -> None:
     assert re.search(r"apt-get install -y --no-install-recommends nftables iptables", dockerfile)
     assert 'ENTRYPOINT ["kube-network-policies", "run"]' in dockerfile
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert re.search(
-        r'^kube-network-policies = "kube_network_policies\.cli:main"$', pyproject, re.MULTILINE
-    )
+    assert re.search(r'^kube-network-policies = "kube_network_policies\.cli:main"$', pyproject, re.MULTILINE)
     ignore = (REPO / ".dockerignore").read_text().split()
     assert {"*", "!pyproject.toml", "!README.md", "!src/"} <= set(ignore)
     assert IMAGE in (REPO / "README.md").read_text()
@@ -259,9 +252,7 @@ class Discovery:
                     break
                 time.sleep(0.2)
             assert status == 200, f"discovery of {api_version}: HTTP {status}: {body}"
-            self._by_version[api_version] = {
-                r["kind"]: r for r in body["resources"] if "/" not in r["name"]
-            }
+            self._by_version[api_version] = {r["kind"]: r for r in body["resources"] if "/" not in r["name"]}
         r = self._by_version[api_version][kind]
         return api_version.rpartition("/")[0], r["name"], r["namespaced"]
 
@@ -305,9 +296,7 @@ DRY_RUN = "?dryRun=All&fieldValidation=Strict"
 
 
 @params
-def test_server_side_dry_run(
-    manifest: str, controlplane: ControlPlane, api: Discovery, kube_system: str
-) -> None:
+def test_server_side_dry_run(manifest: str, controlplane: ControlPlane, api: Discovery, kube_system: str) -> None:
     for obj in load(manifest):
         path = api.collection(obj)
         status, body = controlplane.request("POST", path + DRY_RUN, obj)
@@ -336,9 +325,7 @@ def test_server_side_dry_run(
     assert controlplane.request("GET", f"{path}/{pod_name}")[0] == 404
 
 
-def test_dry_run_rejects_a_misspelt_field(
-    controlplane: ControlPlane, api: Discovery, kube_system: str
-) -> None:
+def test_dry_run_rejects_a_misspelt_field(controlplane: ControlPlane, api: Discovery, kube_system: str) -> None:
     """The control for the test above: strict field validation is really in force."""
     ds = only(load("install.yaml"), "DaemonSet")
     c = ds["spec"]["template"]["spec"]["containers"][0]
@@ -349,9 +336,7 @@ def test_dry_run_rejects_a_misspelt_field(
 
 
 @pytest.fixture
-def installed_rbac(
-    request: pytest.FixtureRequest, controlplane: ControlPlane, api: Discovery, kube_system: str
-) -> Iterator[str]:
+def installed_rbac(request: pytest.FixtureRequest, controlplane: ControlPlane, api: Discovery, kube_system: str) -> Iterator[str]:
     """The manifest's ServiceAccount, ClusterRole and ClusterRoleBinding, created for real under
     a unique name (parallel sessions and other tests keep theirs); yields the SA's user name."""
     manifest: str = request.param
@@ -379,9 +364,7 @@ def installed_rbac(
             controlplane.request("DELETE", path)
 
 
-def allowed(
-    cp: ControlPlane, user: str, group: str, resource: str, verb: str, subresource: str = ""
-) -> bool:
+def allowed(cp: ControlPlane, user: str, group: str, resource: str, verb: str, subresource: str = "") -> bool:
     attributes = {"group": group, "resource": resource, "verb": verb, "subresource": subresource}
     return allowed_in(cp, user, attributes)
 
@@ -398,9 +381,7 @@ def allowed_in(cp: ControlPlane, user: str, attributes: dict[str, str]) -> bool:
 
 
 @pytest.mark.parametrize("installed_rbac", sorted(MANIFESTS), indirect=True)
-def test_rbac_grants_exactly_reading(
-    installed_rbac: str, request: pytest.FixtureRequest, controlplane: ControlPlane
-) -> None:
+def test_rbac_grants_exactly_reading(installed_rbac: str, request: pytest.FixtureRequest, controlplane: ControlPlane) -> None:
     manifest = request.node.callspec.params["installed_rbac"]
     user = installed_rbac
     readable = read_rules(manifest)

@@ -96,7 +96,10 @@ def make_pod(cp: ControlPlane, ns: str, name: str, ip: str | None = None, node: 
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
+        },
     }
     ok(cp, "POST", f"/api/v1/namespaces/{ns}/pods", pod)
     if ip:
@@ -190,7 +193,9 @@ class Recorder:
 
     def since(self, mark: int, namespace: str | None = None) -> list[tuple[str, str, str]]:
         with self._cond:
-            return sorted((c.type, c.key[0], c.key[2]) for c in self.changes[mark:] if namespace is None or c.key[1] == namespace or c.key[2] == namespace)
+            return sorted(
+                (c.type, c.key[0], c.key[2]) for c in self.changes[mark:] if namespace is None or c.key[1] == namespace or c.key[2] == namespace
+            )
 
     def in_namespace(self, namespace: str) -> dict[Any, Any]:
         with self._cond:
@@ -198,7 +203,15 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def informers(config: ApiConfig, resources: list[Resource], recorder: Recorder, *, transport: Callable[[], httpx.BaseTransport] | None = None, sync_timeout: float = 30.0, **options: Any) -> Iterator[list[Informer]]:
+def informers(
+    config: ApiConfig,
+    resources: list[Resource],
+    recorder: Recorder,
+    *,
+    transport: Callable[[], httpx.BaseTransport] | None = None,
+    sync_timeout: float = 30.0,
+    **options: Any,
+) -> Iterator[list[Informer]]:
     started = [Informer(config, r, recorder, transport=transport() if transport else None, **{**FAST, **options}) for r in resources]
     for inf in started:
         inf.start()
@@ -311,21 +324,69 @@ def test_list_and_watch_every_kind(controlplane: ControlPlane, policy_crds: list
     rec = Recorder()
     with informers(config, ALL, rec) as infs:
         make_namespace(cp, ns, team="x")
-        ok(cp, "POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": {"zone": "a"}},
-                                         "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}})
+        ok(
+            cp,
+            "POST",
+            "/api/v1/nodes",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": node, "labels": {"zone": "a"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]},
+            },
+        )
         make_pod(cp, ns, "web", ip="10.244.7.1", app="web")
         make_np(cp, ns, "np", app="web")
-        ok(cp, "POST", ANP_PATH, {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": anp},
-                                  "spec": {"priority": 5, "subject": {"namespaces": {"matchLabels": {"team": "x"}}},
-                                           "ingress": [{"name": "deny", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": "y"}}}]}]}})
-        ok(cp, "POST", BANP_PATH, {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
-                                   "spec": {"subject": {"namespaces": {}}, "ingress": [{"name": "deny", "action": "Deny", "from": [{"namespaces": {}}]}]}})
-        ok(cp, "POST", CNP_PATH, {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": cnp},
-                                  "spec": {"tier": "Admin", "priority": 7, "subject": {"namespaces": {}},
-                                           "ingress": [{"action": "Accept", "from": [{"namespaces": {"matchLabels": {"team": "y"}}}]}]}})
+        ok(
+            cp,
+            "POST",
+            ANP_PATH,
+            {
+                "apiVersion": "policy.networking.k8s.io/v1alpha1",
+                "kind": "AdminNetworkPolicy",
+                "metadata": {"name": anp},
+                "spec": {
+                    "priority": 5,
+                    "subject": {"namespaces": {"matchLabels": {"team": "x"}}},
+                    "ingress": [{"name": "deny", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": "y"}}}]}],
+                },
+            },
+        )
+        ok(
+            cp,
+            "POST",
+            BANP_PATH,
+            {
+                "apiVersion": "policy.networking.k8s.io/v1alpha1",
+                "kind": "BaselineAdminNetworkPolicy",
+                "metadata": {"name": "default"},
+                "spec": {"subject": {"namespaces": {}}, "ingress": [{"name": "deny", "action": "Deny", "from": [{"namespaces": {}}]}]},
+            },
+        )
+        ok(
+            cp,
+            "POST",
+            CNP_PATH,
+            {
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": cnp},
+                "spec": {
+                    "tier": "Admin",
+                    "priority": 7,
+                    "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Accept", "from": [{"namespaces": {"matchLabels": {"team": "y"}}}]}],
+                },
+            },
+        )
         keys = {
-            ("Namespace", "", ns), ("Node", "", node), ("Pod", ns, "web"), ("NetworkPolicy", ns, "np"),
-            ("AdminNetworkPolicy", "", anp), ("BaselineAdminNetworkPolicy", "", "default"), ("ClusterNetworkPolicy", "", cnp),
+            ("Namespace", "", ns),
+            ("Node", "", node),
+            ("Pod", ns, "web"),
+            ("NetworkPolicy", ns, "np"),
+            ("AdminNetworkPolicy", "", anp),
+            ("BaselineAdminNetworkPolicy", "", "default"),
+            ("ClusterNetworkPolicy", "", cnp),
         }
         rec.wait(lambda o: keys <= o.keys() and o[("Pod", ns, "web")].ips == ("10.244.7.1",), what="every kind added")
         assert rec.objects[("Node", "", node)].addresses == ("192.0.2.10",)
@@ -344,7 +405,8 @@ def test_list_and_watch_every_kind(controlplane: ControlPlane, policy_crds: list
             return (
                 o[("Namespace", "", ns)].labels.get("team") == "z"
                 and o[("Node", "", node)].labels.get("zone") == "b"
-                and o[("Pod", ns, "web")].labels.get("app") == "db" and o[("Pod", ns, "web")].ips == ("10.244.7.2",)
+                and o[("Pod", ns, "web")].labels.get("app") == "db"
+                and o[("Pod", ns, "web")].ips == ("10.244.7.2",)
                 and "db" in repr(o[("NetworkPolicy", ns, "np")])
                 and o[("AdminNetworkPolicy", "", anp)].priority == 6
                 and "'z'" in repr(o[("BaselineAdminNetworkPolicy", "", "default")])
@@ -379,7 +441,9 @@ def test_pagination(controlplane: ControlPlane, config: ApiConfig, namespace: st
         assert mine == {**api_objects(cp, PODS, namespace), **api_objects(cp, NETWORK_POLICIES, namespace)}
 
 
-def test_relist_after_410_reports_exactly_what_changed_while_the_watch_was_down(controlplane: ControlPlane, namespace: str, record_property: Any) -> None:
+def test_relist_after_410_reports_exactly_what_changed_while_the_watch_was_down(
+    controlplane: ControlPlane, namespace: str, record_property: Any
+) -> None:
     cp = controlplane
     for i in range(1, 6):
         make_pod(cp, namespace, f"p{i}", ip=f"10.244.9.{i}", app="web")
@@ -413,11 +477,18 @@ def test_relist_after_410_reports_exactly_what_changed_while_the_watch_was_down(
             caught_up = time.monotonic() - healed
             assert pods.counters["relists"] > relists[0] and nps.counters["relists"] > relists[1], "no 410: nothing was relisted"
             # Each change made during the outage is reported exactly once.
-            assert rec.since(mark, namespace) == sorted([
-                ("add", "NetworkPolicy", "np3"), ("add", "Pod", "p6"), ("add", "Pod", "p7"),
-                ("delete", "NetworkPolicy", "np1"), ("delete", "Pod", "p1"), ("delete", "Pod", "p2"),
-                ("update", "Pod", "p3"), ("update", "Pod", "p4"),
-            ])
+            assert rec.since(mark, namespace) == sorted(
+                [
+                    ("add", "NetworkPolicy", "np3"),
+                    ("add", "Pod", "p6"),
+                    ("add", "Pod", "p7"),
+                    ("delete", "NetworkPolicy", "np1"),
+                    ("delete", "Pod", "p1"),
+                    ("delete", "Pod", "p2"),
+                    ("update", "Pod", "p3"),
+                    ("update", "Pod", "p4"),
+                ]
+            )
             record_property("relist_pods_seconds", pods.last_list["seconds"])
             record_property("caught_up_after_heal_seconds", round(caught_up, 3))
             # And the watch goes on from the relist: a later change arrives as an event.
@@ -462,7 +533,7 @@ def test_expired_continue_token_restarts_the_list(controlplane: ControlPlane, co
         try:
             with informers(config, [NETWORK_POLICIES], rec, transport=lambda: wrapper, page_size=2, sync_timeout=90) as (inf,):
                 result.append(inf.counters["list_restarts"])
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             result.append(exc)
 
     t = threading.Thread(target=run)
@@ -489,7 +560,11 @@ def test_apiserver_restart_mid_run(controlplane: ControlPlane, config: ApiConfig
         cp.start_apiserver()
         make_pod(cp, namespace, "after", ip="10.244.10.2", app="web")
         merge(cp, f"/api/v1/namespaces/{namespace}", {"metadata": {"labels": {"restarted": "yes"}}})
-        rec.wait(lambda o: ("Pod", namespace, "after") in o and o[("Namespace", "", namespace)].labels.get("restarted") == "yes", timeout=40, what="changes after the restart")
+        rec.wait(
+            lambda o: ("Pod", namespace, "after") in o and o[("Namespace", "", namespace)].labels.get("restarted") == "yes",
+            timeout=40,
+            what="changes after the restart",
+        )
         assert rec.in_namespace(namespace) == api_objects(cp, PODS, namespace)
         assert pods.counters["errors"] >= 1 and pods.last_error is None  # it saw the outage and recovered
 
@@ -498,7 +573,9 @@ OUTAGE_S = 20.0
 
 
 @pytest.mark.parametrize("outage", ["apiserver-stopped", "partition"])
-def test_first_change_after_an_outage_arrives_within_two_seconds(controlplane: ControlPlane, namespace: str, outage: str, record_property: Any) -> None:
+def test_first_change_after_an_outage_arrives_within_two_seconds(
+    controlplane: ControlPlane, namespace: str, outage: str, record_property: Any
+) -> None:
     """With the informers' production backoff (not the tests' quick one): after a 20 s outage,
     the first change made once the API server is back must arrive within 2 s. (The backoff used
     to grow to 30 s during the outage: 23.8 s once.) "apiserver-stopped": connections refused,
@@ -526,7 +603,9 @@ def test_first_change_after_an_outage_arrives_within_two_seconds(controlplane: C
             make_pod(cp, namespace, "after", ip="10.244.11.2", app="web")
             rec.wait(lambda o: ("Pod", namespace, "after") in o, timeout=60, what="the first change after the outage")
             delay = time.monotonic() - back
-            print(f"\n{outage}: {OUTAGE_S:.0f} s outage, {pods.counters['errors'] - errors} failed attempts; first change delivered {delay:.2f} s after the API was back")
+            print(
+                f"\n{outage}: {OUTAGE_S:.0f} s outage, {pods.counters['errors'] - errors} failed attempts; first change delivered {delay:.2f} s after the API was back"
+            )
             record_property("first_change_after_outage_seconds", round(delay, 3))
             assert pods.counters["errors"] > errors, "the outage went unnoticed: it tested nothing"
             assert delay <= 2.0, f"the first change after the outage took {delay:.1f} s"
@@ -538,7 +617,9 @@ def test_first_change_after_an_outage_arrives_within_two_seconds(controlplane: C
             proxy.close()
 
 
-def test_missing_crd_is_an_error_and_a_retry_until_it_is_installed(controlplane: ControlPlane, config: ApiConfig, policy_crds_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_crd_is_an_error_and_a_retry_until_it_is_installed(
+    controlplane: ControlPlane, config: ApiConfig, policy_crds_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cp = controlplane
     crd = "adminnetworkpolicies.policy.networking.k8s.io"
     try:
@@ -566,8 +647,21 @@ def test_missing_crd_is_an_error_and_a_retry_until_it_is_installed(controlplane:
                 time.sleep(0.05)
             assert anp.last_error is None
             name = unique("anp")
-            ok(cp, "POST", ANP_PATH, {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": name},
-                                      "spec": {"priority": 3, "subject": {"namespaces": {}}, "ingress": [{"name": "a", "action": "Allow", "from": [{"namespaces": {}}]}]}})
+            ok(
+                cp,
+                "POST",
+                ANP_PATH,
+                {
+                    "apiVersion": "policy.networking.k8s.io/v1alpha1",
+                    "kind": "AdminNetworkPolicy",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "priority": 3,
+                        "subject": {"namespaces": {}},
+                        "ingress": [{"name": "a", "action": "Allow", "from": [{"namespaces": {}}]}],
+                    },
+                },
+            )
             deadline = time.monotonic() + 20
             while ("AdminNetworkPolicy", "", name) not in anp.cache:
                 assert time.monotonic() < deadline
@@ -585,29 +679,54 @@ def test_kubeconfig_authentication_variants(controlplane: ControlPlane, tmp_path
     cp = controlplane
     (tmp_path / "token").write_text(cp.token + "\n")
     plugin = tmp_path / "creds.sh"
-    plugin.write_text(f"#!/bin/sh\nprintf '{{\"apiVersion\":\"client.authentication.k8s.io/v1beta1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{cp.token}\"}}}}'\n")
+    plugin.write_text(
+        f'#!/bin/sh\nprintf \'{{"apiVersion":"client.authentication.k8s.io/v1beta1","kind":"ExecCredential","status":{{"token":"{cp.token}"}}}}\'\n'
+    )
     plugin.chmod(0o755)
     ca_data = base64.b64encode(cp.ca_path.read_bytes()).decode()
     variants = {
         "token-file": ({"server": cp.url, "certificate-authority": str(cp.ca_path)}, {"tokenFile": "token"}),
-        "exec-plugin": ({"server": cp.url, "certificate-authority-data": ca_data}, {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin)}}),
+        "exec-plugin": (
+            {"server": cp.url, "certificate-authority-data": ca_data},
+            {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin)}},
+        ),
         # The serving certificate names 127.0.0.1 and localhost: ask for the latter explicitly.
         "tls-server-name": ({"server": cp.url, "certificate-authority": str(cp.ca_path), "tls-server-name": "localhost"}, {"token": cp.token}),
         "insecure": ({"server": cp.url, "insecure-skip-tls-verify": True}, {"token": cp.token}),
     }
     for name, (cluster, user) in variants.items():
         path = tmp_path / f"{name}.kubeconfig"
-        path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
-                                        "clusters": [{"name": "k", "cluster": cluster}], "users": [{"name": "u", "user": user}],
-                                        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "c",
+                    "clusters": [{"name": "k", "cluster": cluster}],
+                    "users": [{"name": "u", "user": user}],
+                    "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                }
+            )
+        )
         rec = Recorder()
         with informers(kubeconfig_config(path), [NAMESPACES], rec) as (inf,):
             assert ("Namespace", "", "default") in rec.objects, name
     # A wrong server name fails verification: the informer reports it and keeps trying.
     bad = tmp_path / "bad.kubeconfig"
-    bad.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
-                                   "clusters": [{"name": "k", "cluster": {"server": cp.url, "certificate-authority": str(cp.ca_path), "tls-server-name": "wrong.example"}}],
-                                   "users": [{"name": "u", "user": {"token": cp.token}}], "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [
+                    {"name": "k", "cluster": {"server": cp.url, "certificate-authority": str(cp.ca_path), "tls-server-name": "wrong.example"}}
+                ],
+                "users": [{"name": "u", "user": {"token": cp.token}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            }
+        )
+    )
     inf = Informer(kubeconfig_config(bad), NAMESPACES, Recorder(), **FAST)
     inf.start()
     try:
@@ -692,19 +811,48 @@ def test_agent_in_kubernetes_mode_is_ready_only_after_every_source_synced(contro
         proxy = Proxy(("127.0.0.1", api_port(cp)), listener)
         proxy.block()
         kubeconfig = tmp_path / "agent.kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
-                                              "clusters": [{"name": "k", "cluster": {"server": f"https://127.0.0.1:{proxy.port}", "certificate-authority": str(cp.ca_path)}}],
-                                              "users": [{"name": "u", "user": {"token": cp.token}}], "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "c",
+                    "clusters": [{"name": "k", "cluster": {"server": f"https://127.0.0.1:{proxy.port}", "certificate-authority": str(cp.ca_path)}}],
+                    "users": [{"name": "u", "user": {"token": cp.token}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+                }
+            )
+        )
         metrics_port = 19080
         log_path = tmp_path / "agent.log"
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         with open(log_path, "wb") as log:
             agent = subprocess.Popen(
-                ["ip", "netns", "exec", netns, sys.executable, "-m", "kube_network_policies", "run", "--kubeconfig", str(kubeconfig),
-                 "--hostname-override", node, "--metrics-bind-address", f"127.0.0.1:{metrics_port}", "--nfqueue-id", "200", "--status-details"],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    sys.executable,
+                    "-m",
+                    "kube_network_policies",
+                    "run",
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--hostname-override",
+                    node,
+                    "--metrics-bind-address",
+                    f"127.0.0.1:{metrics_port}",
+                    "--nfqueue-id",
+                    "200",
+                    "--status-details",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         try:
+
             def agent_log() -> str:
                 return log_path.read_text(errors="replace")
 

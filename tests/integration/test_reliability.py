@@ -76,7 +76,10 @@ def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
+        },
     }
 
 
@@ -252,7 +255,9 @@ def test_pod_churn_flood(controlplane: ControlPlane) -> None:
                 st = wait_for(agent, lambda s: applied_rv(s, "pods") >= target, 30, f"pods resourceVersion {target}")
                 caught_up = time.monotonic() - last_write
                 # The agent's view matches the API's: the pods on this node with app=web.
-                want = sorted(p["status"]["podIP"] for p in ok(cp, "GET", f"{base}?labelSelector=app%3Dweb")["items"] if p["spec"]["nodeName"] == node)
+                want = sorted(
+                    p["status"]["podIP"] for p in ok(cp, "GET", f"{base}?labelSelector=app%3Dweb")["items"] if p["spec"]["nodeName"] == node
+                )
                 st = wait_for(agent, lambda s: all(ip in s["diverted_ipv4"] for ip in want), 10, "the diverted set")
                 assert not [ip for ip in st["diverted_ipv4"] if ip.startswith("10.250.") and ip not in want], (st["diverted_ipv4"], want)
                 time.sleep(5)  # let the agent settle (its allocator and gc)
@@ -286,7 +291,12 @@ def test_restart_under_load_fail_open(controlplane: ControlPlane, sig: signal.Si
     try:
         with lab(cp, [(f"{ns}/client", "", [client_ip], False), (f"{ns}/server", "", [server_ip], False)]) as (topo, node, _proxy, workdir):
             create_client_and_server(cp, ns, node, client_ip, server_ip)
-            ok(cp, "POST", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies", network_policy("allow-all", {"app": "server"}, allow_all=True))
+            ok(
+                cp,
+                "POST",
+                f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+                network_policy("allow-all", {"app": "server"}, allow_all=True),
+            )
             with Prober(topo, timeout=2.0) as prober:
                 server_netns = topo.netns_of(f"{ns}/server")
                 client_netns = topo.netns_of(f"{ns}/client")
@@ -357,7 +367,10 @@ def test_crash_restart_under_load_fail_closed(controlplane: ControlPlane) -> Non
                 "apiVersion": "networking.k8s.io/v1",
                 "kind": "NetworkPolicy",
                 "metadata": {"name": "only-nobody"},
-                "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}]},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "server"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}],
+                },
             }
             ok(cp, "POST", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies", only_nobody)
             with Prober(topo, timeout=0.3) as prober:
@@ -426,9 +439,22 @@ def test_objects_deleted_while_the_agent_is_down(controlplane: ControlPlane) -> 
                 # While no agent runs: the deny policy goes, and the client is relabelled into a
                 # second policy's reach that only exists now.
                 ok(cp, "DELETE", f"{policies}/deny-server")
-                only_trusted = dict(deny, metadata={"name": "only-trusted"}, spec={"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"trusted": "yes"}}}]}]})
+                only_trusted = dict(
+                    deny,
+                    metadata={"name": "only-trusted"},
+                    spec={
+                        "podSelector": {"matchLabels": {"app": "server"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"trusted": "yes"}}}]}],
+                    },
+                )
                 ok(cp, "POST", policies, only_trusted)
-                ok(cp, "PATCH", f"{base}/client", {"metadata": {"labels": {"app": "client", "trusted": "yes"}}}, content_type="application/merge-patch+json")
+                ok(
+                    cp,
+                    "PATCH",
+                    f"{base}/client",
+                    {"metadata": {"labels": {"app": "client", "trusted": "yes"}}},
+                    content_type="application/merge-patch+json",
+                )
                 agent = start_agent(topo, node, cp, workdir / "agent-2.log", [])
                 try:
                     wait_for(agent, lambda s: s.get("ready") and server_ip in s["diverted_ipv4"], 40, "the new agent ready")

@@ -169,8 +169,7 @@ def netns_pair(prefix: str = "knp-t") -> Iterator[NetnsPair]:
     """
     with netns("c", prefix) as client, netns("s", prefix) as server:
         pair = NetnsPair(client, server)
-        _run(["ip", "-n", client.name, "link", "add", "veth0", "type", "veth",
-              "peer", "name", "veth0", "netns", server.name])
+        _run(["ip", "-n", client.name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", server.name])
         for ns, ip4, ip6 in ((client, pair.client_ip4, pair.client_ip6), (server, pair.server_ip4, pair.server_ip6)):
             _run(["ip", "-n", ns.name, "addr", "add", f"{ip4}/24", "dev", "veth0"])
             _run(["ip", "-n", ns.name, "addr", "add", f"{ip6}/64", "dev", "veth0", "nodad"])

@@ -69,7 +69,8 @@ NAMESPACE = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t", 
 
 def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
         "spec": {"nodeName": NODE, "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
         "status": {"phase": "Running", "podIP": ip4, "podIPs": [{"ip": ip4}, {"ip": ip6}]},
@@ -77,12 +78,14 @@ def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
 
 
 DENY_B = {
-    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "NetworkPolicy",
     "metadata": {"name": "deny-b", "namespace": "t"},
     "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
 }
 ALLOW_A = {
-    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "NetworkPolicy",
     "metadata": {"name": "allow-a", "namespace": "t"},
     "spec": {
         "podSelector": {"matchLabels": {"app": "b"}},
@@ -157,7 +160,7 @@ class Lab:
             while time.monotonic() < deadline:
                 data, _ = sock.recvfrom(2048)
                 hl = (data[0] & 0x0F) * 4
-                if data[hl] == 0 and struct.unpack("!H", data[hl + 4:hl + 6])[0] == ident:  # echo reply
+                if data[hl] == 0 and struct.unpack("!H", data[hl + 4 : hl + 6])[0] == ident:  # echo reply
                     return True
         except OSError:  # timeout
             return False
@@ -195,10 +198,22 @@ class AgentProcess:
         self.manifests = manifests
         self.log_path = log_path
         argv = [
-            shutil.which("ip") or "ip", "netns", "exec", lab.node_ns,
-            sys.executable, "-m", "kube_network_policies", "run",
-            "--manifests", str(manifests), "--hostname-override", NODE,
-            "-metrics-bind-address", f"127.0.0.1:{METRICS_PORT}", "-status-details", *flags,
+            shutil.which("ip") or "ip",
+            "netns",
+            "exec",
+            lab.node_ns,
+            sys.executable,
+            "-m",
+            "kube_network_policies",
+            "run",
+            "--manifests",
+            str(manifests),
+            "--hostname-override",
+            NODE,
+            "-metrics-bind-address",
+            f"127.0.0.1:{METRICS_PORT}",
+            "-status-details",
+            *flags,
         ]
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         env.pop("KNP_DEBUG", None)
@@ -380,7 +395,8 @@ def test_enforcement_reload_refusal_and_metrics(lab: Lab, start: Callable[..., A
         found = scraped()
         return all(
             (sample(found, "packet_count", protocol="TCP", family=family, verdict=verdict) or 0) > 0
-            for family in ("IPv4", "IPv6") for verdict in ("accept", "drop")
+            for family in ("IPv4", "IPv6")
+            for verdict in ("accept", "drop")
         )
 
     wait_for("accept and drop packet counts for IPv4 and IPv6", counted, timeout=5.0, detail=lambda: agent.get("/metrics")[1])
@@ -480,8 +496,11 @@ def test_fail_closed_kill_9_keeps_rules_and_drops_until_an_agent_returns(lab: La
 def packet_counts(agent: AgentProcess) -> dict[str, float]:
     """packet_count per (family, verdict) for TCP, as the agent reports it."""
     found = samples(agent.get("/metrics")[1])
-    return {f"{fam}/{v}": sample(found, "packet_count", protocol="TCP", family=fam, verdict=v) or 0
-            for fam in ("IPv4", "IPv6") for v in ("accept", "drop")}
+    return {
+        f"{fam}/{v}": sample(found, "packet_count", protocol="TCP", family=fam, verdict=v) or 0
+        for fam in ("IPv4", "IPv6")
+        for v in ("accept", "drop")
+    }
 
 
 def settled_counts(agent: AgentProcess) -> dict[str, float]:
@@ -534,7 +553,10 @@ def test_accept_cache_skips_userspace_until_the_state_changes(lab: Lab, start: C
     # empty the cache by itself.
     diverted = agent.status()
     generation = diverted["generation"] if diverted else 0
-    write(agent.manifests / "allow.yaml", [{**ALLOW_A, "spec": {**ALLOW_A["spec"], "ingress": [{**ALLOW_A["spec"]["ingress"][0], "ports": [{"port": 81}]}]}}])
+    write(
+        agent.manifests / "allow.yaml",
+        [{**ALLOW_A, "spec": {**ALLOW_A["spec"], "ingress": [{**ALLOW_A["spec"]["ingress"][0], "ports": [{"port": 81}]}]}}],
+    )
     st = agent.wait_applied()
     assert st["generation"] > generation and st["diverted_ipv4"] == [B4] and st["diverted_ipv6"] == [B6]
     assert lab.cached() == set()

@@ -128,7 +128,11 @@ def test_keep_on_exit_then_cleanup(lab: Lab, start: Callable[..., AgentProcess])
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run(
         ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "kube_network_policies", "cleanup"],
-        capture_output=True, text=True, env=env, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert f"removed nft table inet {TABLE}" in out.stdout
@@ -136,6 +140,10 @@ def test_keep_on_exit_then_cleanup(lab: Lab, start: Callable[..., AgentProcess])
     assert lab.probe(("a4", "b4", 81)) == [True]  # no rules, no agent: nothing is blackholed
     out = subprocess.run(
         ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "kube_network_policies", "cleanup"],
-        capture_output=True, text=True, env=env, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0 and "nothing to remove" in out.stdout

@@ -15,11 +15,11 @@ import struct
 import time
 from collections.abc import Callable
 
-import packets
 import pytest
 import test_agent  # tests/kernel/test_agent.py: its topology, agent runner and helpers
 from test_agent import A4, A6, B4, B6, QUEUE, AgentProcess, Lab, wait_for
 
+import packets
 from kube_network_policies.dataplane.nfqueue import DEFAULT_MAX_LEN, read_queue_stats
 from kube_network_policies.lab.topology import entered
 

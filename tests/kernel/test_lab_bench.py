@@ -29,9 +29,27 @@ def _positive(value: object) -> bool:
 def test_lab_bench_smoke(accept_cache: bool) -> None:
     netns.require_kernel("ip", "nft", "iptables", "gcc")
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "kube_network_policies", "lab", "bench", "--json",
-           "--seconds", "1", "--rounds", "1", "--warmup", "0.5", "--pods", "300", "--policies", "30", "--concurrency", "16",
-           f"--accept-cache={str(accept_cache).lower()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kube_network_policies",
+        "lab",
+        "bench",
+        "--json",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0.5",
+        "--pods",
+        "300",
+        "--policies",
+        "30",
+        "--concurrency",
+        "16",
+        f"--accept-cache={str(accept_cache).lower()}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=240)

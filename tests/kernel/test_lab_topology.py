@@ -84,7 +84,7 @@ def _all_probes(topo: Topology) -> list[ProbeRequest]:
 
 
 def _failures(probes: list[ProbeRequest], got: list[bool], want: list[bool]) -> list[str]:
-    return [f"{p[1]} -> {p[2]} {p[3]}/{p[4]} (from {p[0]}): got {g}, want {w}" for p, g, w in zip(probes, got, want) if g != w]
+    return [f"{p[1]} -> {p[2]} {p[3]}/{p[4]} (from {p[0]}): got {g}, want {w}" for p, g, w in zip(probes, got, want, strict=True) if g != w]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_everything_reaches_everything(lab: tuple[Topology, Prober]) -> None:
     started = time.monotonic()
     results = prober.run(probes)
     print(f"\n{len(probes)} probes in {(time.monotonic() - started) * 1000:.1f} ms")
-    bad = [f"{p[1]} -> {p[2]} {p[3]}: {r.detail}" for p, r in zip(probes, results) if not r.ok]
+    bad = [f"{p[1]} -> {p[2]} {p[3]}: {r.detail}" for p, r in zip(probes, results, strict=True) if not r.ok]
     assert bad == [], "\n".join(bad)
 
 
@@ -178,7 +178,7 @@ def test_drop_rule_fails_exactly_the_dropped_probes(lab: tuple[Topology, Prober]
             topo.run(node, "iptables", "-D", "FORWARD", *rule)
     assert _failures(probes, got, want) == []
     # Rules gone: the same (fresh) probes get through again.
-    again = [p for p, w in zip(probes, want) if not w]
+    again = [p for p, w in zip(probes, want, strict=True) if not w]
     assert prober.probe(again) == [True] * len(again)
 
 

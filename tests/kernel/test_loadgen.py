@@ -58,7 +58,7 @@ def test_build_failure_names_the_gcc_error(tmp_path: Path) -> None:
     _require_gcc()
     broken = tmp_path / "broken.c"
     broken.write_text("int main(void) { return undeclared_thing; }\n")
-    with pytest.raises(loadgen.LoadgenError, match="(?s)gcc failed.*undeclared_thing"):
+    with pytest.raises(loadgen.LoadgenError, match=r"(?s)gcc failed.*undeclared_thing"):
         loadgen.ensure_built(broken, tmp_path / "cache")
 
 
@@ -137,8 +137,7 @@ def test_ipv6_and_threads(pair: netns.NetnsPair, server: None) -> None:
 
 def test_round_robin_over_source_addresses(pair: netns.NetnsPair, server: None) -> None:
     before = {src: _syn_count(pair, src) for src in (pair.client_ip4, EXTRA_CLIENT_IP4)}
-    r = loadgen.connect(_prefix(pair.client), [(pair.server_ip4, 80)], duration=1, concurrency=16,
-                        binds=[pair.client_ip4, EXTRA_CLIENT_IP4])
+    r = loadgen.connect(_prefix(pair.client), [(pair.server_ip4, 80)], duration=1, concurrency=16, binds=[pair.client_ip4, EXTRA_CLIENT_IP4])
     assert r["connections"] > 1000 and r["failures"] == 0, r
     sent = {src: _syn_count(pair, src) - n for src, n in before.items()}
     # Attempts alternate between the sources. A few SYNs are sent twice: a reused port can meet
@@ -155,8 +154,7 @@ def test_closed_port_counts_failures(pair: netns.NetnsPair, server: None) -> Non
 
 
 def test_dropped_port_counts_timeouts(pair: netns.NetnsPair, server: None) -> None:
-    r = loadgen.connect(_prefix(pair.client), [(pair.server_ip4, DROPPED_PORT)], duration=1.5, concurrency=8,
-                        timeout=0.5)
+    r = loadgen.connect(_prefix(pair.client), [(pair.server_ip4, DROPPED_PORT)], duration=1.5, concurrency=8, timeout=0.5)
     assert r["connections"] == 0 and r["failures"] == 0, r
     # Each slot times out at 0.5 s and 1.0 s (the attempt started at 1.0 s is abandoned at 1.5 s).
     assert r["timeouts"] >= 8, r
@@ -167,5 +165,4 @@ def test_bad_arguments_raise_with_stderr(pair: netns.NetnsPair) -> None:
     with pytest.raises(loadgen.LoadgenError, match="bad target"):
         loadgen.connect(_prefix(pair.client), ["10.213.0.2"], duration=0.1, concurrency=1)
     with pytest.raises(loadgen.LoadgenError, match="same family"):
-        loadgen.connect(_prefix(pair.client), [(pair.server_ip4, 80)], duration=0.1, concurrency=1,
-                        binds=[pair.client_ip6])
+        loadgen.connect(_prefix(pair.client), [(pair.server_ip4, 80)], duration=0.1, concurrency=1, binds=[pair.client_ip6])

@@ -82,9 +82,27 @@ def test_connection_flood_holds_no_threads_and_probes_are_answered(topo: Topolog
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     with open(log_path, "wb") as log:
         agent = subprocess.Popen(
-            [shutil.which("ip") or "ip", "netns", "exec", node_ns, sys.executable, "-m", "kube_network_policies", "run",
-             "--manifests", str(manifests), "--hostname-override", NODE, "-metrics-bind-address", f":{PORT}", "-nfqueue-id", "117"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                shutil.which("ip") or "ip",
+                "netns",
+                "exec",
+                node_ns,
+                sys.executable,
+                "-m",
+                "kube_network_policies",
+                "run",
+                "--manifests",
+                str(manifests),
+                "--hostname-override",
+                NODE,
+                "-metrics-bind-address",
+                f":{PORT}",
+                "-nfqueue-id",
+                "117",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     held: list[socket.socket] = []
     stop = threading.Event()

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import netns
-import packets
 import pytest
 
+import packets
 from kube_network_policies.dataplane.nfqueue import (
     ACCEPT,
     ACCEPT_JUDGED,
@@ -94,9 +94,16 @@ def test_encode_verdict_with_mark(batch: bool) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"queue_num": -1}, {"queue_num": 65536}, {"queue_num": 1, "copy_range": 0},
-     {"queue_num": 1, "copy_range": 65532}, {"queue_num": 1, "max_len": 0}, {"queue_num": 1, "max_batch": 0},
-     {"queue_num": 1, "judged_mark": -1}, {"queue_num": 1, "judged_mark": 1 << 32}],
+    [
+        {"queue_num": -1},
+        {"queue_num": 65536},
+        {"queue_num": 1, "copy_range": 0},
+        {"queue_num": 1, "copy_range": 65532},
+        {"queue_num": 1, "max_len": 0},
+        {"queue_num": 1, "max_batch": 0},
+        {"queue_num": 1, "judged_mark": -1},
+        {"queue_num": 1, "judged_mark": 1 << 32},
+    ],
 )
 def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -112,14 +119,12 @@ def pair() -> Iterator[netns.NetnsPair]:
     netns.remove_stale()
     with netns.netns_pair() as p:
         for tool in ("iptables", "ip6tables"):
-            p.server.run(tool, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", "80:83",
-                         "-j", "NFQUEUE", "--queue-num", str(QUEUE))
-        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_ACCEPT}:{UDP_DROP}",
-                     "-j", "NFQUEUE", "--queue-num", str(QUEUE))
-        p.server.run("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", str(UDP_MARKED),
-                     "-j", "MARK", "--set-mark", hex(ORIG_MARK))
-        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_MARKED}:{UDP_UNMARKED}",
-                     "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+            p.server.run(tool, "-A", "INPUT", "-p", "tcp", "--syn", "--dport", "80:83", "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_ACCEPT}:{UDP_DROP}", "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+        p.server.run(
+            "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", str(UDP_MARKED), "-j", "MARK", "--set-mark", hex(ORIG_MARK)
+        )
+        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_MARKED}:{UDP_UNMARKED}", "-j", "NFQUEUE", "--queue-num", str(QUEUE))
         yield p
 
 
@@ -129,8 +134,7 @@ def listeners(pair: netns.NetnsPair) -> Iterator[dict[int, socket.socket]]:
     socks: dict[int, socket.socket] = {}
     with pair.server.entered():
         for port in (80, 81, 82, 83):
-            socks[port] = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                               backlog=512)
+            socks[port] = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=512)
         for port in (UDP_ACCEPT, UDP_DROP, UDP_MARKED, UDP_UNMARKED):
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.bind((pair.server_ip4, port))
@@ -278,8 +282,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
 @pytest.mark.kernel
 class TestKernel:
     @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-    def test_tcp_accepted_and_dropped(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket],
-                                      v6: bool) -> None:
+    def test_tcp_accepted_and_dropped(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket], v6: bool) -> None:
         with consuming(bind(pair), port_policy) as q:
             assert connect(pair, TCP_ACCEPT, v6=v6) == "connected"
             assert connect(pair, TCP_DROP, v6=v6, timeout=DROPPED_AFTER) == "timeout"
@@ -289,8 +292,7 @@ class TestKernel:
         assert (c.decide_errors, c.verdict_errors, c.bad_messages, c.overruns) == (0, 0, 0, 0)
 
     @pytest.mark.parametrize("options", [200, 1024])
-    def test_ports_behind_long_ipv6_options_are_read(self, pair: netns.NetnsPair,
-                                                     listeners: dict[int, socket.socket], options: int) -> None:
+    def test_ports_behind_long_ipv6_options_are_read(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket], options: int) -> None:
         """The whole packet is copied: a SYN whose TCP header sits past byte 128 (where a
         headers-only copy range ended) is judged on its real port."""
         seen: list[int] = []
@@ -353,8 +355,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_decide_error_uses_the_default_verdict(self, pair: netns.NetnsPair,
-                                                   listeners: dict[int, socket.socket]) -> None:
+    def test_decide_error_uses_the_default_verdict(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         with consuming(bind(pair), port_policy) as q:
             assert connect(pair, TCP_RAISE, timeout=DROPPED_AFTER) == "timeout"
             assert connect(pair, TCP_ACCEPT) == "connected"  # the loop survived
@@ -395,8 +396,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_overrun_is_counted_and_nothing_stays_queued(self, pair: netns.NetnsPair,
-                                                         listeners: dict[int, socket.socket]) -> None:
+    def test_overrun_is_counted_and_nothing_stays_queued(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         q = bind(pair, rcvbuf=8192)  # room for ~20 messages (832 bytes each with copy_range 128)
         client = client_udp(pair)
         try:
@@ -425,9 +425,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_interrupt_in_decide_still_answers_what_was_read(
-        self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]
-    ) -> None:
+    def test_interrupt_in_decide_still_answers_what_was_read(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         q = bind(pair)
         client = client_udp(pair)
         try:
@@ -453,9 +451,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_messages_read_while_configuring_are_answered(
-        self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]
-    ) -> None:
+    def test_messages_read_while_configuring_are_answered(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         """Packets that reach the socket before a config ACK are kept and answered next round."""
         q = bind(pair)
         client = client_udp(pair)
@@ -471,8 +467,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_judged_accepts_carry_the_judged_bit(self, pair: netns.NetnsPair,
-                                                 listeners: dict[int, socket.socket]) -> None:
+    def test_judged_accepts_carry_the_judged_bit(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         """ACCEPT_JUDGED adds the judged bit to the packet's own mark (read from NFQA_MARK, absent
         when 0); ACCEPT leaves the mark alone. One batch only where every accept wants one mark."""
         q = bind(pair, judged_mark=JUDGED)
@@ -495,8 +490,11 @@ class TestKernel:
             # Judged and plain accepts (and drops) mixed: a batch would mark them all alike.
             got = round_of((b"j1", UDP_MARKED), (b"a1", UDP_MARKED), (b"d1", UDP_MARKED), (b"j2", UDP_MARKED), (b"a2", UDP_MARKED))
             assert got == {b"j1": ORIG_MARK | JUDGED, b"a1": ORIG_MARK, b"j2": ORIG_MARK | JUDGED, b"a2": ORIG_MARK}
-            assert collections.Counter(sends[-1]) == {("single", NF_DROP, None): 1, ("single", NF_ACCEPT, None): 2,
-                                                      ("single", NF_ACCEPT, ORIG_MARK | JUDGED): 2}
+            assert collections.Counter(sends[-1]) == {
+                ("single", NF_DROP, None): 1,
+                ("single", NF_ACCEPT, None): 2,
+                ("single", NF_ACCEPT, ORIG_MARK | JUDGED): 2,
+            }
             # Judged, with different original marks (none: no NFQA_MARK in the message).
             assert round_of((b"j3", UDP_UNMARKED), (b"j4", UDP_MARKED)) == {b"j3": JUDGED, b"j4": ORIG_MARK | JUDGED}
             assert [v[2] for v in sends[-1]] == [JUDGED, ORIG_MARK | JUDGED]
@@ -511,8 +509,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_many_marked_verdicts_are_split_between_messages(self, pair: netns.NetnsPair,
-                                                             listeners: dict[int, socket.socket]) -> None:
+    def test_many_marked_verdicts_are_split_between_messages(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         """One round of 2,000 individual verdicts (32 and 40 bytes mixed: over 64 KiB) goes out in
         several sends, each cut between messages."""
         q = bind(pair, judged_mark=JUDGED, max_batch=4096)
@@ -536,8 +533,7 @@ class TestKernel:
             client.close()
             q.close()
 
-    def test_judged_bit_never_batched_over_unseen_packets(self, pair: netns.NetnsPair,
-                                                          listeners: dict[int, socket.socket]) -> None:
+    def test_judged_bit_never_batched_over_unseen_packets(self, pair: netns.NetnsPair, listeners: dict[int, socket.socket]) -> None:
         """fail_open after a socket overrun: the kernel accepted what it could not deliver (without
         the judged bit); until the overrun is behind us, judged accepts go out one by one."""
         q = bind(pair, rcvbuf=8192, fail_open=True, judged_mark=JUDGED)

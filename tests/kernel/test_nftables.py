@@ -142,9 +142,7 @@ def topo() -> Iterator[Topology]:
         for ns, dev in ((t.node, "pod0"), (t.node, "peer0"), (t.pod, "eth0"), (t.peer, "eth0")):
             wait_link_up(ns, dev)
         for ns in (t.node, t.pod, t.peer):
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, PY, "-c", SERVER, str(PORT)], stdout=subprocess.PIPE, text=True
-            )
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", SERVER, str(PORT)], stdout=subprocess.PIPE, text=True)
             t.servers.append(proc)
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         yield t
@@ -231,9 +229,7 @@ def test_sync_resync_in_place(topo: Topology, backend: Backend, accept_cache: bo
     rs.sync(["10.99.1.2", "10.99.1.3"], ["fd99:1::2"])
     first = read_table(topo)
     assert first["sets"] == {"podips-v4": {"10.99.1.2", "10.99.1.3"}, "podips-v6": {"fd99:1::2"}, **cache}
-    assert {name: (hook, prio) for name, (hook, prio, _) in first["chains"].items()} == {
-        c.name: (c.hook, c.priority) for c in base_chains(config)
-    }
+    assert {name: (hook, prio) for name, (hook, prio, _) in first["chains"].items()} == {c.name: (c.hook, c.priority) for c in base_chains(config)}
     rules_before = {name: len(rules) for name, rules in first["rules"].items()}
     extra = 2 if accept_cache else 0  # the two cache lookups
     assert rules_before["postrouting"] == 8 + extra and rules_before["input"] == 5 + extra
@@ -278,14 +274,16 @@ def test_stale_chain_from_other_layout_is_replaced(topo: Topology) -> None:
     # A previous agent left a postrouting chain at another priority (e.g. nft-queue layout,
     # kept by a fail-open shutdown): `add chain` alone would fail, the first sync replaces it.
     t = f"inet {TABLE}"
-    topo.nft("-f", "-", stdin=f"add table {t}\nadd chain {t} postrouting {{ type filter hook postrouting priority 95; }}\n"
-             f"add chain {t} leftover {{ type filter hook forward priority 0; }}\nadd rule {t} leftover counter\n")
+    topo.nft(
+        "-f",
+        "-",
+        stdin=f"add table {t}\nadd chain {t} postrouting {{ type filter hook postrouting priority 95; }}\n"
+        f"add chain {t} leftover {{ type filter hook forward priority 0; }}\nadd rule {t} leftover counter\n",
+    )
     config = RulesetConfig(backend=Backend.XT_NFQUEUE)
     Ruleset(config, netns=topo.node).sync(["10.99.1.2"], [])
     chains = read_table(topo)["chains"]
-    assert {name: (hook, prio) for name, (hook, prio, _) in chains.items()} == {
-        c.name: (c.hook, c.priority) for c in base_chains(config)
-    }
+    assert {name: (hook, prio) for name, (hook, prio, _) in chains.items()} == {c.name: (c.hook, c.priority) for c in base_chains(config)}
 
 
 def test_nft_error_is_a_clear_exception(topo: Topology) -> None:

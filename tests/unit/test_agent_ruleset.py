@@ -96,11 +96,14 @@ def namespace() -> Namespace:
 def select_db() -> NetworkPolicy:
     from kube_network_policies.model import parse_object
 
-    obj = parse_object({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "deny", "namespace": "ns"},
-        "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
-    })
+    obj = parse_object(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "ns"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
+        }
+    )
     assert isinstance(obj, NetworkPolicy)
     return obj
 
@@ -190,7 +193,7 @@ def test_an_address_nft_cannot_hold_is_left_out_and_reported() -> None:
 
 
 def test_nothing_in_a_turn_ends_the_agent() -> None:
-    agent, rs = running_agent()
+    agent, _ = running_agent()
 
     class Broken(NoSource):
         def take(self) -> Batch | None:
@@ -263,7 +266,8 @@ def test_a_refused_or_unreadable_input_makes_the_agent_not_ready() -> None:
     agent, _ = running_agent()
 
     class Refusing(NoSource):
-        found = {"manifests": "the manifest files changed but were refused"}
+        def __init__(self) -> None:
+            self.found = {"manifests": "the manifest files changed but were refused"}
 
         def problems(self) -> dict[str, str]:
             return dict(self.found)

@@ -30,8 +30,7 @@ class FakeSource:
 
     def status(self) -> dict[str, object]:
         return {
-            "pods": {"synced": True, "resourceVersion": "42", "objects": 3, "errors": 2, "lastError": SECRET_ERROR,
-                     "lastList": {"seconds": 0.1}},
+            "pods": {"synced": True, "resourceVersion": "42", "objects": 3, "errors": 2, "lastError": SECRET_ERROR, "lastList": {"seconds": 0.1}},
             "manifests": {"synced": True, "digest": "ab12", "objects": 1, "paths": ["/etc/knp/secret-dir"]},
         }
 

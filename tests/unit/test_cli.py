@@ -24,7 +24,9 @@ def test_explain_text_names_the_chain() -> None:
     lines = r.stdout.splitlines()
     assert lines[0] == "TCP 10.244.1.10:40000 -> 10.244.2.10:5432: DENY"
     assert lines[1] == "  egress frontend/web: default: allow (no policy selects the pod for egress)"
-    assert lines[2].startswith("  ingress backend/db: admin tier: Pass (anp/pass-backend rule 0 [delegate-to-team]) -> NetworkPolicy: deny (selected by backend/db-from-api")
+    assert lines[2].startswith(
+        "  ingress backend/db: admin tier: Pass (anp/pass-backend rule 0 [delegate-to-team]) -> NetworkPolicy: deny (selected by backend/db-from-api"
+    )
 
 
 def test_explain_json() -> None:
@@ -60,7 +62,10 @@ def test_explain_bad_manifests_exit_2_without_traceback(tmp_path: Path) -> None:
     bad.write_text(bad.read_text().split("---\n: [oops")[0])
     r = knp("explain", "--manifests", str(bad), "--from", "1.1.1.1", "--to", "2.2.2.2", "--port", "80")
     assert r.returncode == 2
-    assert f"{bad} document 1: NetworkPolicy x/db: spec.ingress[0].from[0].ipBlock.except[0]: 10.1.0.0/16 must be a strict subset of 10.0.0.0/16" in r.stderr
+    assert (
+        f"{bad} document 1: NetworkPolicy x/db: spec.ingress[0].from[0].ipBlock.except[0]: 10.1.0.0/16 must be a strict subset of 10.0.0.0/16"
+        in r.stderr
+    )
     assert f"{bad} document 2: Widget w: kind: unsupported kind 'Widget'" in r.stderr
 
 
@@ -100,8 +105,9 @@ def test_hostile_manifests_exit_2_fast_with_bounded_memory(tmp_path: Path) -> No
         path = tmp_path / name
         path.write_text(text)
         args = ["explain", "--manifests", str(path), "--from", "1.1.1.1", "--to", "2.2.2.2", "--port", "80"]
-        r = subprocess.run([sys.executable, "-m", "kube_network_policies", *args], capture_output=True, text=True, env=env,
-                           timeout=30, preexec_fn=_limited_memory)
+        r = subprocess.run(
+            [sys.executable, "-m", "kube_network_policies", *args], capture_output=True, text=True, env=env, timeout=30, preexec_fn=_limited_memory
+        )
         assert r.returncode == 2, (name, r.stderr)
         assert r.stderr.startswith(f"error: {path}") and HOSTILE_PROBLEM[name] in r.stderr and "internal error" not in r.stderr
         path.unlink()

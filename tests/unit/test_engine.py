@@ -15,7 +15,16 @@ def ns(name: str, **labels: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
 
 
-def pod(namespace: str, name: str, ip: str | list[str], node: str = "n1", phase: str = "Running", host_network: bool = False, ports: list[dict[str, Any]] | None = None, **labels: str) -> dict[str, Any]:
+def pod(
+    namespace: str,
+    name: str,
+    ip: str | list[str],
+    node: str = "n1",
+    phase: str = "Running",
+    host_network: bool = False,
+    ports: list[dict[str, Any]] | None = None,
+    **labels: str,
+) -> dict[str, Any]:
     ips = [ip] if isinstance(ip, str) else ip
     return {
         "apiVersion": "v1",
@@ -31,7 +40,12 @@ def np(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def anp(name: str, priority: int, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": name}, "spec": {"priority": priority, **spec}}
+    return {
+        "apiVersion": "policy.networking.k8s.io/v1alpha1",
+        "kind": "AdminNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"priority": priority, **spec},
+    }
 
 
 def banp(spec: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +53,12 @@ def banp(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def cnp(name: str, tier: str, priority: int, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name}, "spec": {"tier": tier, "priority": priority, **spec}}
+    return {
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": tier, "priority": priority, **spec},
+    }
 
 
 def build(*objects: dict[str, Any], features: Features = ALL_FEATURES) -> ClusterState:
@@ -71,7 +90,17 @@ def test_no_policy_allows_and_says_why() -> None:
 
 
 def test_networkpolicy_isolates_and_rule_allows() -> None:
-    s = build(*BASE, np("x", "allow-a", {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}]}))
+    s = build(
+        *BASE,
+        np(
+            "x",
+            "allow-a",
+            {
+                "podSelector": {"matchLabels": {"app": "b"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}],
+            },
+        ),
+    )
     assert allowed(s, "10.0.0.1", "10.0.0.2", 80)
     assert not allowed(s, "10.0.0.1", "10.0.0.2", 81)
     assert not allowed(s, "10.0.0.1", "10.0.0.2", 80, "UDP")  # protocol defaults to TCP
@@ -95,7 +124,16 @@ def test_named_port_resolves_on_destination_by_name_and_protocol() -> None:
 def test_end_port_inclusive_and_ipblock_except() -> None:
     s = build(
         *BASE,
-        np("x", "range", {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}], "ports": [{"port": 9000, "endPort": 9005}]}]}),
+        np(
+            "x",
+            "range",
+            {
+                "podSelector": {},
+                "ingress": [
+                    {"from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}], "ports": [{"port": 9000, "endPort": 9005}]}
+                ],
+            },
+        ),
     )
     assert allowed(s, "192.0.2.1", "10.0.0.1", 9000)
     assert allowed(s, "192.0.2.1", "10.0.0.1", 9005)
@@ -130,7 +168,14 @@ def test_admin_priority_and_rule_order_and_deny_beats_np() -> None:
         *BASE,
         np("x", "allow-all", {"podSelector": {}, "ingress": [{}]}),
         anp("b-deny", 20, {"subject": {"namespaces": {}}, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}),
-        anp("a-allow", 10, {"subject": {"namespaces": {}}, "ingress": [{"action": "Allow", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}]}]}),
+        anp(
+            "a-allow",
+            10,
+            {
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": "Allow", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "a"}}}}]}],
+            },
+        ),
     )
     assert allowed(s, "10.0.1.1", "10.0.0.2")  # a-allow (priority 10) first
     assert not allowed(s, "10.0.0.2", "10.0.0.1")  # b is not app=a: b-deny
@@ -139,7 +184,17 @@ def test_admin_priority_and_rule_order_and_deny_beats_np() -> None:
 
 
 def test_egress_deny_at_source_wins_and_both_directions_reported() -> None:
-    s = build(*BASE, anp("deny-out", 1, {"subject": {"pods": {"namespaceSelector": {"matchLabels": {"team": "y"}}, "podSelector": {}}}, "egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/24"]}]}]}))
+    s = build(
+        *BASE,
+        anp(
+            "deny-out",
+            1,
+            {
+                "subject": {"pods": {"namespaceSelector": {"matchLabels": {"team": "y"}}, "podSelector": {}}},
+                "egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/24"]}]}],
+            },
+        ),
+    )
     d = s.evaluate(Flow.of("10.0.1.1", "10.0.0.1", "TCP", 80))
     assert not d.allowed and not d.egress.allowed and d.ingress.allowed
     assert d.egress.chain[0].policy == "anp/deny-out"
@@ -154,16 +209,44 @@ def test_node_local_evaluation_skips_remote_directions() -> None:
 
 
 def test_cnp_baseline_pass_is_allow_and_fail_closed_peers() -> None:
-    s = build(*BASE, cnp("base", "Baseline", 5, {"subject": {"namespaces": {}}, "ingress": [{"action": "Pass", "from": [{"namespaces": {}}]}, {"action": "Deny", "from": [{"namespaces": {}}]}]}))
+    s = build(
+        *BASE,
+        cnp(
+            "base",
+            "Baseline",
+            5,
+            {
+                "subject": {"namespaces": {}},
+                "ingress": [{"action": "Pass", "from": [{"namespaces": {}}]}, {"action": "Deny", "from": [{"namespaces": {}}]}],
+            },
+        ),
+    )
     assert allowed(s, "10.0.0.1", "10.0.0.2")
-    s = build(*BASE, cnp("unknown", "Admin", 5, {"subject": {"namespaces": {}}, "ingress": [{"action": "Accept", "from": [{"future": {}}]}, {"action": "Pass", "from": [{}]}]}))
+    s = build(
+        *BASE,
+        cnp(
+            "unknown",
+            "Admin",
+            5,
+            {"subject": {"namespaces": {}}, "ingress": [{"action": "Accept", "from": [{"future": {}}]}, {"action": "Pass", "from": [{}]}]},
+        ),
+    )
     d = s.evaluate(Flow.of("10.0.0.1", "10.0.0.2", "TCP", 80))
     assert not d.allowed and "fail closed" in d.ingress.chain[0].rule
 
 
 def test_nodes_peer_and_networks() -> None:
-    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"role": "worker"}}, "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}
-    s = build(*BASE, node, anp("nodes", 1, {"subject": {"namespaces": {}}, "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "worker"}}}]}]}))
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "n1", "labels": {"role": "worker"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]},
+    }
+    s = build(
+        *BASE,
+        node,
+        anp("nodes", 1, {"subject": {"namespaces": {}}, "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "worker"}}}]}]}),
+    )
     assert not allowed(s, "10.0.0.1", "172.18.0.2")
     assert allowed(s, "10.0.0.1", "172.18.0.3")
     node["metadata"]["labels"] = {"role": "control-plane"}
@@ -210,7 +293,15 @@ def test_managed_ips_and_notifications() -> None:
     s.delete("NetworkPolicy", "x", "a-only")
     assert seen[-1] == ("n1", frozenset())
     # Admin policies are computed per pod too: only the pods they select are diverted.
-    s.apply(parse_object(anp("y-only", 1, {"subject": {"namespaces": {"matchLabels": {"team": "y"}}}, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]})))
+    s.apply(
+        parse_object(
+            anp(
+                "y-only",
+                1,
+                {"subject": {"namespaces": {"matchLabels": {"team": "y"}}}, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+            )
+        )
+    )
     assert s.managed_ips("n1") == frozenset() and s.managed_ips("n2") == frozenset({"10.0.1.1"})
 
 
@@ -235,20 +326,46 @@ def random_object(rng: random.Random, i: int) -> dict[str, Any]:
         namespace = rng.choice("xy")
         # Addresses are unique per pod name: two Running pods claiming one address is resolved
         # by arrival order, which a rebuild cannot reproduce.
-        return pod(namespace, f"p{n}", f"10.0.{'xy'.index(namespace)}.{n + 1}", node=rng.choice(["n1", "n2"]), phase=rng.choice(["Running", "Running", "Succeeded"]), **rng.choice(LABELS))
+        return pod(
+            namespace,
+            f"p{n}",
+            f"10.0.{'xy'.index(namespace)}.{n + 1}",
+            node=rng.choice(["n1", "n2"]),
+            phase=rng.choice(["Running", "Running", "Succeeded"]),
+            **rng.choice(LABELS),
+        )
     if kind == "ns":
         return ns(rng.choice("xy"), **rng.choice([{"team": "x"}, {"team": "y"}, {}]))
     sel = rng.choice([{}, {"matchLabels": {"app": "a"}}, {"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}])
     if kind == "np":
         peer = rng.choice([{"podSelector": sel}, {"namespaceSelector": {"matchLabels": {"team": "y"}}}, {"ipBlock": {"cidr": "10.0.0.0/30"}}])
-        return np(rng.choice("xy"), f"np{rng.randrange(3)}", {"podSelector": sel, "policyTypes": rng.choice([["Ingress"], ["Egress"], ["Ingress", "Egress"]]), "ingress": [{"from": [peer], "ports": [{"port": 80}]}], "egress": [{"to": [peer]}]})
+        return np(
+            rng.choice("xy"),
+            f"np{rng.randrange(3)}",
+            {
+                "podSelector": sel,
+                "policyTypes": rng.choice([["Ingress"], ["Egress"], ["Ingress", "Egress"]]),
+                "ingress": [{"from": [peer], "ports": [{"port": 80}]}],
+                "egress": [{"to": [peer]}],
+            },
+        )
     rules = [{"action": rng.choice(["Allow", "Deny", "Pass"]), "from": [{"pods": {"namespaceSelector": {}, "podSelector": sel}}]}]
     if kind == "anp":
         return anp(f"anp{rng.randrange(3)}", rng.randrange(5), {"subject": {"namespaces": {}}, "ingress": rules})
     if kind == "banp":
-        return banp({"subject": {"pods": {"namespaceSelector": {}, "podSelector": sel}}, "ingress": [{"action": rng.choice(["Allow", "Deny"]), "from": [{"namespaces": {}}]}]})
+        return banp(
+            {
+                "subject": {"pods": {"namespaceSelector": {}, "podSelector": sel}},
+                "ingress": [{"action": rng.choice(["Allow", "Deny"]), "from": [{"namespaces": {}}]}],
+            }
+        )
     v2 = [{"action": rng.choice(["Accept", "Deny", "Pass"]), "from": [{"pods": {"namespaceSelector": {}, "podSelector": sel}}]}]
-    return cnp(f"cnp{rng.randrange(3)}", rng.choice(["Admin", "Baseline"]), rng.randrange(5), {"subject": {"namespaces": {}}, "ingress": v2, "egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.4/30"]}]}]})
+    return cnp(
+        f"cnp{rng.randrange(3)}",
+        rng.choice(["Admin", "Baseline"]),
+        rng.randrange(5),
+        {"subject": {"namespaces": {}}, "ingress": v2, "egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.4/30"]}]}]},
+    )
 
 
 def key_of(o: dict[str, Any]) -> tuple[str, str, str]:

@@ -26,7 +26,8 @@ def packed(ip: str) -> bytes:
 
 def pod(namespace: str, name: str, ip: str, node: str, ports: list[dict[str, Any]], **labels: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports}]},
         "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
@@ -102,13 +103,17 @@ def network_policy(draw: st.DrawFn, i: int) -> dict[str, Any]:
     def rules(direction: str) -> list[dict[str, Any]]:
         out = []
         for _ in range(draw(st.integers(0, 2))):
-            peers = draw(st.sampled_from([
-                [],
-                [{"podSelector": draw(SELECTOR)}],
-                [{"namespaceSelector": {}, "podSelector": draw(SELECTOR)}],
-                [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
-                [{"ipBlock": {"cidr": "192.0.2.0/24"}}],
-            ]))
+            peers = draw(
+                st.sampled_from(
+                    [
+                        [],
+                        [{"podSelector": draw(SELECTOR)}],
+                        [{"namespaceSelector": {}, "podSelector": draw(SELECTOR)}],
+                        [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                        [{"ipBlock": {"cidr": "192.0.2.0/24"}}],
+                    ]
+                )
+            )
             rule: dict[str, Any] = {"from" if direction == "ingress" else "to": peers}
             ports = draw(np_ports())
             if ports:
@@ -132,10 +137,17 @@ def tiered_policy(draw: st.DrawFn, i: int, baseline: bool) -> dict[str, Any]:
     def rules(direction: str) -> list[dict[str, Any]]:
         out = []
         for j in range(draw(st.integers(0, 3))):
-            peers = [draw(st.sampled_from([
-                {"namespaces": {}},
-                {"pods": {"namespaceSelector": {}, "podSelector": draw(SELECTOR)}},
-            ] + ([{"networks": ["10.0.0.0/16"]}, {"networks": ["0.0.0.0/0"]}] if direction == "egress" else [])))]
+            peers = [
+                draw(
+                    st.sampled_from(
+                        [
+                            {"namespaces": {}},
+                            {"pods": {"namespaceSelector": {}, "podSelector": draw(SELECTOR)}},
+                        ]
+                        + ([{"networks": ["10.0.0.0/16"]}, {"networks": ["0.0.0.0/0"]}] if direction == "egress" else [])
+                    )
+                )
+            ]
             rule: dict[str, Any] = {"name": f"r{j}", "action": draw(st.sampled_from(actions)), "from" if direction == "ingress" else "to": peers}
             ports = draw(admin_ports())
             if ports is not None and "networks" in peers[0]:
@@ -145,10 +157,18 @@ def tiered_policy(draw: st.DrawFn, i: int, baseline: bool) -> dict[str, Any]:
             out.append(rule)
         return out
 
-    spec: dict[str, Any] = {"subject": {"pods": {"namespaceSelector": {}, "podSelector": draw(SELECTOR)}},
-                            "ingress": rules("ingress"), "egress": rules("egress")}
+    spec: dict[str, Any] = {
+        "subject": {"pods": {"namespaceSelector": {}, "podSelector": draw(SELECTOR)}},
+        "ingress": rules("ingress"),
+        "egress": rules("egress"),
+    }
     if baseline:
-        return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"}, "spec": spec}
+        return {
+            "apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": "BaselineAdminNetworkPolicy",
+            "metadata": {"name": "default"},
+            "spec": spec,
+        }
     spec["priority"] = draw(st.integers(0, 3))
     return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": f"anp{i}"}, "spec": spec}
 
@@ -156,7 +176,8 @@ def tiered_policy(draw: st.DrawFn, i: int, baseline: bool) -> dict[str, Any]:
 @st.composite
 def clusters(draw: st.DrawFn) -> ClusterState:
     objects: list[dict[str, Any]] = [
-        namespace("x"), namespace("y"),
+        namespace("x"),
+        namespace("y"),
         pod("x", "a", A, "n1", draw(container_ports()), app="a"),
         pod("x", "b", B, "n1", draw(container_ports()), app="b"),
         pod("y", "c", C, "n2", draw(container_ports()), app="a"),
@@ -201,8 +222,12 @@ def build(*objects: dict[str, Any]) -> ClusterState:
 
 
 def deny_b_except(ports: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "b", "namespace": "x"},
-            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"ports": ports}] if ports else []}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "b", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"ports": ports}] if ports else []},
+    }
 
 
 @pytest.mark.parametrize(
@@ -216,9 +241,9 @@ def deny_b_except(ports: list[dict[str, Any]]) -> dict[str, Any]:
     ],
 )
 def test_single_points(ports: list[dict[str, Any]], tcp: bool, udp: bool) -> None:
-    state = build(pod("x", "a", A, "n1", [], app="a"),
-                  pod("x", "b", B, "n1", [{"name": "http", "containerPort": 31337}], app="b"),
-                  deny_b_except(ports))
+    state = build(
+        pod("x", "a", A, "n1", [], app="a"), pod("x", "b", B, "n1", [{"name": "http", "containerPort": 31337}], app="b"), deny_b_except(ports)
+    )
     assert state.allowed_some_port(packed(A), packed(B), TCP, "n1") is tcp
     assert state.allowed_some_port(packed(A), packed(B), UDP, "n1") is udp
     assert state.allowed_some_port(packed(A), packed(B), None, "n1") is (tcp or udp)
@@ -231,10 +256,16 @@ def test_port_zero_and_protocols_without_ports() -> None:
     # An admin Deny of every port (1-65535) of TCP, UDP and SCTP, then Allow all. Ports in the
     # API start at 1, so port 0 is never denied by a rule with ports: it behaves like ICMP.
     ranges = [{"portRange": {"protocol": p, "start": 1, "end": 65535}} for p in PROTOCOLS]
-    anp = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": "p"},
-           "spec": {"priority": 1, "subject": {"namespaces": {}},
-                    "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "ports": ranges},
-                                {"action": "Allow", "from": [{"namespaces": {}}]}]}}
+    anp = {
+        "apiVersion": "policy.networking.k8s.io/v1alpha1",
+        "kind": "AdminNetworkPolicy",
+        "metadata": {"name": "p"},
+        "spec": {
+            "priority": 1,
+            "subject": {"namespaces": {}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "ports": ranges}, {"action": "Allow", "from": [{"namespaces": {}}]}],
+        },
+    }
     state = build(pod("x", "a", A, "n1", [], app="a"), pod("x", "b", B, "n1", [], app="b"), anp)
     a, b = packed(A), packed(B)
     assert not state.evaluate(Flow(a, b, TCP, 0, 1), "n1").allowed

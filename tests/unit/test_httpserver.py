@@ -71,7 +71,9 @@ def test_half_sent_requests_hold_no_thread_and_probes_are_answered(server: Metri
             times.append(ms)
         assert threading.active_count() <= threads_before, "a connection got a thread of its own"
         assert server.server.connections() <= server.server.limits.local_connections + 1
-        print(f"\n{n} half-sent requests: {threading.active_count()} threads; /healthz median {statistics.median(times):.1f} ms, max {max(times):.1f} ms")
+        print(
+            f"\n{n} half-sent requests: {threading.active_count()} threads; /healthz median {statistics.median(times):.1f} ms, max {max(times):.1f} ms"
+        )
         assert statistics.median(times) < 100 and max(times) < 1000
     finally:
         for s in socks:

@@ -103,9 +103,21 @@ def item(codec: PodCodec, pod: dict[str, Any]) -> tuple[Any, Any, str, Validatio
     [
         (variant(status__podIPs=[{"ip": "10.0.0.300"}]), "status.podIPs[0].ip", "invalid IP address '10.0.0.300'"),
         (variant(status__podIPs=None, status__podIP="bad"), "status.podIP", "invalid IP address 'bad'"),
-        (variant(spec__containers=[{"name": "m", "ports": [{"containerPort": 70000}]}]), "spec.containers[0].ports[0].containerPort", "between 1 and 65535"),
-        (variant(spec__containers=[{"name": "m", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]), "spec.containers[0].ports[0].protocol", "unsupported protocol"),
-        (variant(spec__containers=[{"name": "m", "ports": [{"containerPort": "eighty"}]}]), "spec.containers[0].ports[0].containerPort", "expected int, got str"),
+        (
+            variant(spec__containers=[{"name": "m", "ports": [{"containerPort": 70000}]}]),
+            "spec.containers[0].ports[0].containerPort",
+            "between 1 and 65535",
+        ),
+        (
+            variant(spec__containers=[{"name": "m", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]),
+            "spec.containers[0].ports[0].protocol",
+            "unsupported protocol",
+        ),
+        (
+            variant(spec__containers=[{"name": "m", "ports": [{"containerPort": "eighty"}]}]),
+            "spec.containers[0].ports[0].containerPort",
+            "expected int, got str",
+        ),
     ],
     ids=["bad-ip", "bad-single-ip", "port-range", "protocol", "port-type"],
 )
@@ -165,21 +177,24 @@ def test_backoff_is_short_while_unreachable_long_when_refused_and_reset_by_succe
     def fail(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
         def raise_(request: httpx.Request) -> httpx.Response:
             raise exc
+
         return raise_
 
     def status(code: int, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
         return lambda r: httpx.Response(code, headers=headers, json={"kind": "Status", "code": code, "message": "no"})
 
-    plan += [fail(httpx.ConnectError("connection refused"))] * 10          # waits 0-9
-    plan += [status(403)] * 6                                              # waits 10-15
-    plan += [status(429, **{"Retry-After": "7"})]                          # wait 16
-    plan += [status(503)] * 3                                              # waits 17-19
-    plan += [lambda r: httpx.Response(200, json={"metadata": {"resourceVersion": "5"}, "items": [ns_obj("a", 5)]}),
-             lambda r: httpx.Response(200, content=event("BOOKMARK", {"metadata": {"resourceVersion": "6"}}))]
-    plan += [fail(httpx.RemoteProtocolError("Server disconnected"))]       # wait 20: reset by the watch
-    plan += [status(401)]                                                  # wait 21: reset too
-    plan += [fail(refused_tls)] * 4                                        # waits 22-25
-    plan += [fail(cut_tls)] * 3                                            # waits 26-28
+    plan += [fail(httpx.ConnectError("connection refused"))] * 10  # waits 0-9
+    plan += [status(403)] * 6  # waits 10-15
+    plan += [status(429, **{"Retry-After": "7"})]  # wait 16
+    plan += [status(503)] * 3  # waits 17-19
+    plan += [
+        lambda r: httpx.Response(200, json={"metadata": {"resourceVersion": "5"}, "items": [ns_obj("a", 5)]}),
+        lambda r: httpx.Response(200, content=event("BOOKMARK", {"metadata": {"resourceVersion": "6"}})),
+    ]
+    plan += [fail(httpx.RemoteProtocolError("Server disconnected"))]  # wait 20: reset by the watch
+    plan += [status(401)]  # wait 21: reset too
+    plan += [fail(refused_tls)] * 4  # waits 22-25
+    plan += [fail(cut_tls)] * 3  # waits 26-28
     script = Script()
     script.responses = plan
     inf, rec = informer(script)
@@ -188,14 +203,14 @@ def test_backoff_is_short_while_unreachable_long_when_refused_and_reset_by_succe
     inf._run()
     d = waits.delays
     assert len(d) == 29 and rec.names() == {"a"}
-    assert all(x <= 1.0 for x in d[:10]) and 0.25 <= d[0] <= 0.5, d[:10]          # unreachable: at most 1 s
-    assert 0.25 <= d[10] <= 0.5 and 8 <= d[15] <= 16, d[10:16]                     # refused: its own counter, growing
-    assert d[16] >= 7                                                              # Retry-After
-    assert all(x <= 1.0 for x in d[17:20]), d[17:20]                               # 5xx: unreachable
-    assert 0.25 <= d[20] <= 0.5 and 0.25 <= d[21] <= 0.5, d[20:22]                 # reset by the list and the watch
-    assert 4 <= d[25] <= 8, d[22:26]                                               # TLS refused: continues past 1 s
-    assert all(x <= 1.0 for x in d[26:]), d[26:]                                   # a handshake cut short: unreachable
-    assert len({round(x, 6) for x in d[1:10]}) > 1                                 # jittered
+    assert all(x <= 1.0 for x in d[:10]) and 0.25 <= d[0] <= 0.5, d[:10]  # unreachable: at most 1 s
+    assert 0.25 <= d[10] <= 0.5 and 8 <= d[15] <= 16, d[10:16]  # refused: its own counter, growing
+    assert d[16] >= 7  # Retry-After
+    assert all(x <= 1.0 for x in d[17:20]), d[17:20]  # 5xx: unreachable
+    assert 0.25 <= d[20] <= 0.5 and 0.25 <= d[21] <= 0.5, d[20:22]  # reset by the list and the watch
+    assert 4 <= d[25] <= 8, d[22:26]  # TLS refused: continues past 1 s
+    assert all(x <= 1.0 for x in d[26:]), d[26:]  # a handshake cut short: unreachable
+    assert len({round(x, 6) for x in d[1:10]}) > 1  # jittered
 
 
 # ---- kubeconfig ------------------------------------------------------------------------------
@@ -251,13 +266,20 @@ def test_kubeconfig_exec_plugin(tmp_path: Path) -> None:
     counter = tmp_path / "runs"
     plugin.write_text(
         "#!/bin/sh\n"
-        f'echo run >> {counter}\n'
+        f"echo run >> {counter}\n"
         'test "$MY_ENV" = set || exit 3\n'
         'echo "$KUBERNETES_EXEC_INFO" | grep -q ExecCredential || exit 4\n'
         'printf \'{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"from-exec","expirationTimestamp":"2999-01-01T00:00:00Z"}}\'\n'
     )
     plugin.chmod(plugin.stat().st_mode | stat.S_IXUSR)
-    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "./plugin.sh", "env": [{"name": "MY_ENV", "value": "set"}], "interactiveMode": "Never"}}
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": "./plugin.sh",
+            "env": [{"name": "MY_ENV", "value": "set"}],
+            "interactiveMode": "Never",
+        }
+    }
     config = kubeconfig_config(write_kubeconfig(tmp_path, user))
     assert isinstance(config.auth, ExecAuth)
     assert auth_header(config) == ["Bearer from-exec"]
@@ -285,7 +307,9 @@ def test_kubeconfig_errors_are_clear(tmp_path: Path, user: dict[str, Any], clust
 
 
 def test_kubeconfig_tls_server_name(tmp_path: Path) -> None:
-    config = kubeconfig_config(write_kubeconfig(tmp_path, {}, {"server": "https://10.1.1.1", "insecure-skip-tls-verify": True, "tls-server-name": "kubernetes"}))
+    config = kubeconfig_config(
+        write_kubeconfig(tmp_path, {}, {"server": "https://10.1.1.1", "insecure-skip-tls-verify": True, "tls-server-name": "kubernetes"})
+    )
     assert config.extensions == {"sni_hostname": "kubernetes"}
 
 
@@ -293,7 +317,11 @@ def test_kubeconfig_tls_server_name(tmp_path: Path) -> None:
 
 
 def ns_obj(name: str, rv: int, **labels: str) -> dict[str, Any]:
-    return {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": name, "resourceVersion": str(rv), "labels": {"kubernetes.io/metadata.name": name, **labels}}}
+    return {
+        "kind": "Namespace",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "resourceVersion": str(rv), "labels": {"kubernetes.io/metadata.name": name, **labels}},
+    }
 
 
 def event(kind: str, obj: dict[str, Any]) -> bytes:
@@ -487,8 +515,15 @@ def test_node_decoding_matches_the_model_parser() -> None:
     raw = {
         "metadata": {"name": "n1", "resourceVersion": "4", "labels": {"zone": "a"}, "annotations": {"x": "y"}},
         "spec": {"podCIDR": "10.244.0.0/24"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}, {"type": "Hostname", "address": "n1"}, {"type": "ExternalIP", "address": "2001:DB8::1"}],
-                   "images": [{"names": ["x"], "sizeBytes": 1}], "conditions": [{"type": "Ready", "status": "True"}]},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": "192.0.2.1"},
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "2001:DB8::1"},
+            ],
+            "images": [{"names": ["x"], "sizeBytes": 1}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
     }
     key, obj, rv, error = codec_for(NODES).item(json.dumps(raw).encode())
     assert (key, rv, error) == (("Node", "", "n1"), "4", None)

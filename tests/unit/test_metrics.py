@@ -39,7 +39,7 @@ def parse(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset[tuple[st
             _, _, name, typ = line.split(" ", 3)
             types[name] = typ
         elif line and not line.startswith("#"):
-            m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+            m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
             assert m, line
             labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
             samples[(m.group(1), labels)] = float(m.group(3))
@@ -187,7 +187,7 @@ def test_observe_is_safe_with_concurrent_scrapes() -> None:
                     if name.endswith("_bucket") and dict(labels).get("le") == "+Inf":
                         count = samples[(name[: -len("_bucket")] + "_count", labels - {("le", "+Inf")})]
                         assert v == count
-        except BaseException as e:  # noqa: BLE001 (reported below)
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=scrape)
@@ -211,7 +211,7 @@ def test_worker_deltas_merge_into_the_served_metrics() -> None:
     worker.observe(6, 4, True, 1000.0)
     second = worker.take_delta()
     assert second.samples == (1000.0,)
-    (labels, buckets, dsum), = second.series
+    ((labels, buckets, dsum),) = second.series
     assert labels == ("TCP", "IPv4", "accept") and sum(buckets) == 1 and dsum == 1000.0
 
     served = Metrics(queue_reader=lambda: {})

@@ -451,17 +451,23 @@ class TestPolicyTypesDefaulting:
             ({"ingress": [], "egress": [{}]}, {INGRESS, EGRESS}),
         ],
         ids=[
-            "absent", "null", "empty", "ingress-rules", "egress-empty-list", "egress-null", "egress-empty-rule",
-            "egress-rule", "empty-types-with-egress", "empty-ingress-with-egress",
+            "absent",
+            "null",
+            "empty",
+            "ingress-rules",
+            "egress-empty-list",
+            "egress-null",
+            "egress-empty-rule",
+            "egress-rule",
+            "empty-types-with-egress",
+            "empty-ingress-with-egress",
         ],
     )
     def test_defaulting(self, spec, expected):
         spec = {"podSelector": {}, **spec}
         assert parse_network_policy(np_obj(spec)).policy_types == frozenset(expected)
 
-    @pytest.mark.parametrize(
-        "types", [["Ingress"], ["Egress"], ["Ingress", "Egress"], ["Egress", "Ingress"], ["Egress", "Egress"]]
-    )
+    @pytest.mark.parametrize("types", [["Ingress"], ["Egress"], ["Ingress", "Egress"], ["Egress", "Ingress"], ["Egress", "Egress"]])
     def test_explicit_types_are_kept(self, types):
         np = parse_network_policy(np_obj({"podSelector": {}, "policyTypes": types, "ingress": [{}], "egress": [{}]}))
         assert np.policy_types == frozenset(types)
@@ -810,7 +816,14 @@ class TestPod:
         obj = {"metadata": {"name": "bare"}}
         pod = parse_pod(obj)
         assert (pod.namespace, pod.name, pod.node, pod.phase, pod.host_network, pod.ips, pod.ports) == (
-            "default", "bare", "", "Running", False, (), ())
+            "default",
+            "bare",
+            "",
+            "Running",
+            False,
+            (),
+            (),
+        )
         assert pod.labels is LabelSet()
 
     def test_container_ports(self):
@@ -1040,8 +1053,15 @@ class TestAdminNetworkPolicy:
                 subject={"pods": {"namespaceSelector": {"matchLabels": {"team": "a"}}, "podSelector": {"matchLabels": {"app": "web"}}}},
                 ingress=[
                     {"name": "allow-mon", "action": "Allow", "from": [{"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}]},
-                    {"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bad": "yes"}}}}],
-                     "ports": [{"portNumber": {"port": 80, "protocol": "TCP"}}, {"portRange": {"start": 1000, "end": 2000, "protocol": "UDP"}}, {"namedPort": "http"}]},
+                    {
+                        "action": "Deny",
+                        "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bad": "yes"}}}}],
+                        "ports": [
+                            {"portNumber": {"port": 80, "protocol": "TCP"}},
+                            {"portRange": {"start": 1000, "end": 2000, "protocol": "UDP"}},
+                            {"namedPort": "http"},
+                        ],
+                    },
                     {"action": "Pass", "from": [{"namespaces": {}}]},
                 ],
                 egress=[
@@ -1111,7 +1131,16 @@ class TestAdminNetworkPolicy:
     def test_subject_selector_errors(self):
         err = errors_of(
             parse_admin_network_policy,
-            anp_obj(anp_spec(subject={"pods": {"namespaceSelector": {"matchLabels": {"a": 1}}, "podSelector": {"matchExpressions": [{"key": "k", "operator": "In"}]}}})),
+            anp_obj(
+                anp_spec(
+                    subject={
+                        "pods": {
+                            "namespaceSelector": {"matchLabels": {"a": 1}},
+                            "podSelector": {"matchExpressions": [{"key": "k", "operator": "In"}]},
+                        }
+                    }
+                )
+            ),
         )
         assert paths(err) == ["spec.subject.pods.namespaceSelector.matchLabels.a", "spec.subject.pods.podSelector.matchExpressions[0].values"]
 
@@ -1158,7 +1187,10 @@ class TestAdminNetworkPolicy:
 
     @pytest.mark.parametrize("rng", [{"start": 100, "end": 100}, {"start": 200, "end": 100}])
     def test_port_range_start_must_be_less_than_end(self, rng):
-        err = errors_of(parse_admin_network_policy, anp_obj(anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}], "ports": [{"portNumber": {"port": 1}}, {"portRange": rng}]}])))
+        err = errors_of(
+            parse_admin_network_policy,
+            anp_obj(anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}], "ports": [{"portNumber": {"port": 1}}, {"portRange": rng}]}])),
+        )
         assert paths(err) == ["spec.egress[0].ports[1].portRange"]
         assert "must be less than end" in err.errors[0].message
 
@@ -1195,7 +1227,9 @@ class TestAdminNetworkPolicy:
     def test_named_port_with_networks_or_nodes_peer(self, peer):
         err = errors_of(
             parse_admin_network_policy,
-            anp_obj(anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}, peer], "ports": [{"portNumber": {"port": 1}}, {"namedPort": "http"}]}])),
+            anp_obj(
+                anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}, peer], "ports": [{"portNumber": {"port": 1}}, {"namedPort": "http"}]}])
+            ),
         )
         assert paths(err) == ["spec.egress[0]"]
         assert "named ports" in err.errors[0].message
@@ -1237,7 +1271,9 @@ class TestAdminNetworkPolicy:
         assert isinstance(rule.peers[0], PodsPeer)
 
     def test_peer_with_two_fields(self):
-        err = errors_of(parse_admin_network_policy, anp_obj(anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}, "networks": ["10.0.0.0/8"]}]}])))
+        err = errors_of(
+            parse_admin_network_policy, anp_obj(anp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}, "networks": ["10.0.0.0/8"]}]}]))
+        )
         assert paths(err) == ["spec.egress[0].to[0]"]
         assert "got namespaces, networks" in err.errors[0].message
 
@@ -1343,7 +1379,9 @@ class TestBaselineAdminNetworkPolicy:
         assert '"default"' in err.errors[0].message
 
     def test_pass_not_allowed(self):
-        err = errors_of(parse_baseline_admin_network_policy, banp_obj({"subject": {"namespaces": {}}, "egress": [{"action": "Pass", "to": [{"namespaces": {}}]}]}))
+        err = errors_of(
+            parse_baseline_admin_network_policy, banp_obj({"subject": {"namespaces": {}}, "egress": [{"action": "Pass", "to": [{"namespaces": {}}]}]})
+        )
         assert paths(err) == ["spec.egress[0].action"]
         assert "Allow, Deny" in err.errors[0].message and "Pass" not in err.errors[0].message.split("expected")[1]
 
@@ -1390,13 +1428,25 @@ class TestClusterNetworkPolicy:
                     priority=7,
                     subject={"pods": {"namespaceSelector": {"matchLabels": {"t": "a"}}, "podSelector": {}}},
                     ingress=[
-                        {"name": "ok", "action": "Accept", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}}],
-                         "protocols": [{"tcp": {"destinationPort": {"number": 80}}}, {"udp": {"destinationPort": {"range": {"start": 5000, "end": 6000}}}},
-                                       {"sctp": {"destinationPort": {"number": 9}}}, {"destinationNamedPort": "metrics"}]},
+                        {
+                            "name": "ok",
+                            "action": "Accept",
+                            "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"a": "b"}}}}],
+                            "protocols": [
+                                {"tcp": {"destinationPort": {"number": 80}}},
+                                {"udp": {"destinationPort": {"range": {"start": 5000, "end": 6000}}}},
+                                {"sctp": {"destinationPort": {"number": 9}}},
+                                {"destinationNamedPort": "metrics"},
+                            ],
+                        },
                         {"action": "Pass", "from": [{"namespaces": {}}]},
                     ],
                     egress=[
-                        {"action": "Accept", "to": [{"domainNames": ["example.com", "*.kubernetes.io"]}], "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]},
+                        {
+                            "action": "Accept",
+                            "to": [{"domainNames": ["example.com", "*.kubernetes.io"]}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": 443}}}],
+                        },
                         {"action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}, {"nodes": {"matchLabels": {"n": "1"}}}]},
                     ],
                 ),
@@ -1459,7 +1509,9 @@ class TestClusterNetworkPolicy:
         assert rule.ports is None
 
     def test_range_inclusive_full(self):
-        rule = cnp_egress_rule(action="Deny", to=[{"namespaces": {}}], protocols=[{"udp": {"destinationPort": {"range": {"start": 1, "end": 65535}}}}])
+        rule = cnp_egress_rule(
+            action="Deny", to=[{"namespaces": {}}], protocols=[{"udp": {"destinationPort": {"range": {"start": 1, "end": 65535}}}}]
+        )
         assert rule.ports == (PortRange("UDP", 1, 65535),)
 
     @pytest.mark.parametrize(
@@ -1483,14 +1535,27 @@ class TestClusterNetworkPolicy:
         ],
     )
     def test_protocol_errors(self, proto, bad_paths):
-        err = errors_of(parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}], "protocols": [proto]}])))
+        err = errors_of(
+            parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}], "protocols": [proto]}]))
+        )
         assert paths(err) == bad_paths
 
     def test_range_error_message(self):
-        err = errors_of(parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": "Deny", "to": [{"namespaces": {}}], "protocols": [{"tcp": {"destinationPort": {"range": {"start": 9, "end": 3}}}}]}])))
+        err = errors_of(
+            parse_cluster_network_policy,
+            cnp_obj(
+                cnp_spec(
+                    egress=[
+                        {"action": "Deny", "to": [{"namespaces": {}}], "protocols": [{"tcp": {"destinationPort": {"range": {"start": 9, "end": 3}}}}]}
+                    ]
+                )
+            ),
+        )
         assert err.errors[0].message == "start (9) must be less than end (3)"
 
-    @pytest.mark.parametrize("peer", [{"networks": ["10.0.0.0/8"]}, {"nodes": {}}, {"domainNames": ["a.example.com"]}], ids=["networks", "nodes", "domainNames"])
+    @pytest.mark.parametrize(
+        "peer", [{"networks": ["10.0.0.0/8"]}, {"nodes": {}}, {"domainNames": ["a.example.com"]}], ids=["networks", "nodes", "domainNames"]
+    )
     def test_named_port_not_with_networks_nodes_domain_names(self, peer):
         err = errors_of(
             parse_cluster_network_policy,
@@ -1504,7 +1569,9 @@ class TestClusterNetworkPolicy:
 
     @pytest.mark.parametrize("action", ["Deny", "Pass"])
     def test_domain_names_only_on_accept(self, action):
-        err = errors_of(parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": action, "to": [{"namespaces": {}}, {"domainNames": ["example.com"]}]}])))
+        err = errors_of(
+            parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": action, "to": [{"namespaces": {}}, {"domainNames": ["example.com"]}]}]))
+        )
         assert paths(err) == ["spec.egress[0].to"]
         assert "Accept" in err.errors[0].message
 
@@ -1528,7 +1595,9 @@ class TestClusterNetworkPolicy:
         assert isinstance(p2, PodsPeer)
 
     def test_peer_with_two_fields(self):
-        err = errors_of(parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": "Accept", "to": [{"domainNames": ["a.com"], "nodes": {}}]}])))
+        err = errors_of(
+            parse_cluster_network_policy, cnp_obj(cnp_spec(egress=[{"action": "Accept", "to": [{"domainNames": ["a.com"], "nodes": {}}]}]))
+        )
         assert paths(err) == ["spec.egress[0].to[0]"]
 
     def test_all_problems_reported_at_once(self):

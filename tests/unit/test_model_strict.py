@@ -75,7 +75,12 @@ def test_pods_from_the_api_with_zoned_addresses_are_refused_others_read_as_the_a
 
 
 def test_node_address_with_zone() -> None:
-    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}, "status": {"addresses": [{"type": "InternalIP", "address": "fd00::1%eth0"}]}}
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "n"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "fd00::1%eth0"}]},
+    }
     (e,) = errors(node, strict=False)
     assert e.path == "status.addresses[0].address"
 
@@ -165,7 +170,9 @@ def test_crd_max_items_for_files_only() -> None:
     obj = anp({"ingress": [rule] * 101})
     assert messages(obj) == ["spec.ingress: must have at most 100 entries, got 101"]
     assert len(parse_object(obj).ingress) == 101  # type: ignore[union-attr]  # a newer CRD may allow more
-    assert messages(anp({"egress": [{"action": "Deny", "to": [{"namespaces": {}}] * 101}]})) == ["spec.egress[0].to: must have at most 100 entries, got 101"]
+    assert messages(anp({"egress": [{"action": "Deny", "to": [{"namespaces": {}}] * 101}]})) == [
+        "spec.egress[0].to: must have at most 100 entries, got 101"
+    ]
     v2 = cnp({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}] * 26})
     assert messages(v2) == ["spec.ingress: must have at most 25 entries, got 26"]
     ports = [{"portNumber": {"port": 80, "protocol": "TCP"}}] * 101

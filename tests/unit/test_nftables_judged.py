@@ -23,7 +23,7 @@ BACKENDS = [Backend.NFT_QUEUE, Backend.XT_NFQUEUE]
 
 def rules(text: str, chain: str) -> list[str]:
     prefix = f"add rule {T} {chain} "
-    return [ln[len(prefix):] for ln in text.splitlines() if ln.startswith(prefix)]
+    return [ln[len(prefix) :] for ln in text.splitlines() if ln.startswith(prefix)]
 
 
 def unmark_chains(config: RulesetConfig) -> list[str]:

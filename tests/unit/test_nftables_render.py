@@ -30,7 +30,7 @@ T = "inet kube-network-policies"
 
 def rules(text: str, chain: str) -> list[str]:
     prefix = f"add rule {T} {chain} "
-    return [ln[len(prefix):] for ln in text.splitlines() if ln.startswith(prefix)]
+    return [ln[len(prefix) :] for ln in text.splitlines() if ln.startswith(prefix)]
 
 
 def elements(text: str, set_name: str) -> list[str]:
@@ -457,8 +457,7 @@ def test_stale_chain_is_replaced_on_first_sync_only() -> None:
     rs.sync([], [])
     first = fake.nft_scripts()[0]
     assert first.startswith(
-        f"flush chain {T} postrouting\ndelete chain {T} postrouting\n"
-        f"flush chain {T} input-unmark\ndelete chain {T} input-unmark\n"
+        f"flush chain {T} postrouting\ndelete chain {T} postrouting\nflush chain {T} input-unmark\ndelete chain {T} input-unmark\n"
     )
     assert "other" not in first
     # The unmark chain says an xt-nfqueue agent ran before: its iptables rules are swept.
@@ -478,9 +477,7 @@ def test_flush_cache_is_one_transaction_after_the_first_sync_only(config: Rulese
     rs.sync(["10.0.0.1"], [])
     n = len(fake.calls)
     rs.flush_cache()
-    assert fake.calls[n:] == [
-        (("ip", "netns", "exec", "ns1", "nft", "-f", "-"), f"flush set {T} accepted-v4\nflush set {T} accepted-v6\n")
-    ]
+    assert fake.calls[n:] == [(("ip", "netns", "exec", "ns1", "nft", "-f", "-"), f"flush set {T} accepted-v4\nflush set {T} accepted-v6\n")]
     rs.shutdown(keep=False)
     n = len(fake.calls)
     rs.flush_cache()  # after shutdown: nothing

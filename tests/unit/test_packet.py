@@ -70,9 +70,7 @@ def ipv4(
         ihl = 5 + len(options) // 4
     if total is None:
         total = 20 + len(options) + len(payload)
-    hdr = struct.pack(
-        "!BBHHHBBH4s4s", (version << 4) | ihl, 0, total, 0x1234, flags_frag, 64, proto, 0, SRC4, DST4
-    )
+    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, total, 0x1234, flags_frag, 64, proto, 0, SRC4, DST4)
     return hdr + options + payload
 
 
@@ -450,8 +448,7 @@ def test_fuzz_random_bytes_with_ip_version(version_nibble: int, rest: bytes) -> 
 @fuzz
 @given(
     st.sampled_from(VALID_PACKETS),
-    st.lists(st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=255)),
-             min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=255)), min_size=1, max_size=6),
 )
 def test_fuzz_mutated_valid_packets(sample: tuple[bytes, Flow], edits: list[tuple[int, int]]) -> None:
     pkt = bytearray(sample[0])
@@ -484,8 +481,7 @@ EXT_KINDS = st.sampled_from([HOPOPTS, ROUTING, DSTOPTS, FRAG, AH])
     st.integers(min_value=0, max_value=65535),
 )
 def test_fuzz_generated_extension_chains(kinds: list[int], final: int, sport: int, dport: int) -> None:
-    payload = {TCP: tcp(sport, dport), UDP: udp(sport, dport), UDPLITE: udp(sport, dport),
-               SCTP: sctp(sport, dport)}.get(final, bytes(8))
+    payload = {TCP: tcp(sport, dport), UDP: udp(sport, dport), UDPLITE: udp(sport, dport), SCTP: sctp(sport, dport)}.get(final, bytes(8))
     nh, body = chain(kinds, final, payload)
     result = parse_all_ways(ipv6(nh, body))
     if final in (TCP, UDP, UDPLITE, SCTP):

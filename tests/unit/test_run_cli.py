@@ -33,7 +33,10 @@ def run(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]
         env["PATH"] = path
     return subprocess.run(
         [sys.executable, "-m", "kube_network_policies", "run", *args],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -74,8 +77,7 @@ def test_invalid_field_names_file_document_object_and_field(tmp_path: Path) -> N
     bad = d / "b-policy.yaml"
     bad.write_text(NAMESPACE + "---\n" + BAD_EXCEPT)
     r = run("--manifests", str(d), "--hostname-override", "node-1", "-metrics-bind-address", "127.0.0.1:0")
-    assert_refused(r, f"{bad} document 2", "NetworkPolicy t/bad", "spec.ingress[0].from[0].ipBlock.except[0]",
-                   "strict subset")
+    assert_refused(r, f"{bad} document 2", "NetworkPolicy t/bad", "spec.ingress[0].from[0].ipBlock.except[0]", "strict subset")
 
 
 def test_not_a_kubernetes_object(tmp_path: Path) -> None:
@@ -153,7 +155,6 @@ def test_no_nft_is_a_clear_error_not_an_internal_one(good: Path, tmp_path: Path)
     # backend detection, before anything is installed.
     empty = tmp_path / "bin"
     empty.mkdir()
-    r = run("--manifests", str(good), "--hostname-override", "node-1", "-metrics-bind-address", "127.0.0.1:0",
-            path=str(empty))
+    r = run("--manifests", str(good), "--hostname-override", "node-1", "-metrics-bind-address", "127.0.0.1:0", path=str(empty))
     out = assert_refused(r, "nftables is not usable", "nft")
     assert "internal error" not in out

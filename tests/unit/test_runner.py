@@ -76,7 +76,9 @@ def test_wrong_expectation_prints_truth_table(tmp_path: Path) -> None:
 def test_malformed_scenarios_are_counted_and_the_run_goes_on(tmp_path: Path) -> None:
     bad_yaml = write(tmp_path, "a-bad-yaml.yaml", "name: [unclosed\n")
     bad_field = write(tmp_path, "b-bad-field.yaml", GOOD.replace("port: 80", "port: 99999"))
-    bad_policy = write(tmp_path, "c-bad-policy.yaml", GOOD.replace("spec: {podSelector: {}}", "spec: {podSelector: {matchExpressions: [{key: a, operator: Maybe}]}}"))
+    bad_policy = write(
+        tmp_path, "c-bad-policy.yaml", GOOD.replace("spec: {podSelector: {}}", "spec: {podSelector: {matchExpressions: [{key: a, operator: Maybe}]}}")
+    )
     good = write(tmp_path, "d-good.yaml", GOOD)
     status, out = run([tmp_path])
     assert status == 1
@@ -88,7 +90,9 @@ def test_malformed_scenarios_are_counted_and_the_run_goes_on(tmp_path: Path) -> 
 
 
 def test_scenario_errors_name_fields(tmp_path: Path) -> None:
-    text = GOOD.replace("{namespace: x, name: b, ip: 10.0.0.2}", "{namespace: x, name: b, ip: 10.0.0.1}").replace("default: deny", "default: maybe, from: [x/zz]")
+    text = GOOD.replace("{namespace: x, name: b, ip: 10.0.0.2}", "{namespace: x, name: b, ip: 10.0.0.1}").replace(
+        "default: deny", "default: maybe, from: [x/zz]"
+    )
     with pytest.raises(ScenarioError) as exc:
         load_scenario(write(tmp_path, "s.yaml", text))
     msg = str(exc.value)

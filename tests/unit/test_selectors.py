@@ -133,8 +133,14 @@ class TestLabelSet:
 class TestMatchAll:
     @pytest.mark.parametrize(
         "raw",
-        [None, {}, {"matchLabels": {}}, {"matchExpressions": []}, {"matchLabels": {}, "matchExpressions": []},
-         {"matchLabels": None, "matchExpressions": None}],
+        [
+            None,
+            {},
+            {"matchLabels": {}},
+            {"matchExpressions": []},
+            {"matchLabels": {}, "matchExpressions": []},
+            {"matchLabels": None, "matchExpressions": None},
+        ],
     )
     def test_empty_selector_is_match_all(self, raw):
         sel = compile_ok(raw)
@@ -252,9 +258,7 @@ class TestMatchExpressions:
         assert not sel.matches(L(env="dev"))
 
     def test_contradictory_selector_matches_nothing(self):
-        sel = compile_ok(
-            {"matchLabels": {"env": "prod"}, "matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]}
-        )
+        sel = compile_ok({"matchLabels": {"env": "prod"}, "matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]})
         assert not sel.matches(L(env="prod"))
         assert not sel.matches(LabelSet())
 
@@ -311,9 +315,7 @@ class TestSelectorErrors:
 
     def test_non_string_value_in_expression(self):
         # YAML reads `values: [80, true]` as int and bool, which the API refuses.
-        errs = compile_errors(
-            {"matchExpressions": [{"key": "port", "operator": "In", "values": ["http", 80, True]}]}
-        )
+        errs = compile_errors({"matchExpressions": [{"key": "port", "operator": "In", "values": ["http", 80, True]}]})
         assert paths(errs) == ["sel.matchExpressions[0].values[1]", "sel.matchExpressions[0].values[2]"]
         assert "quote it" in errs[0].message
 

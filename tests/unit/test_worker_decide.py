@@ -8,9 +8,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import packets
 import pytest
 
+import packets
 from kube_network_policies.dataplane.nfqueue import ACCEPT, ACCEPT_JUDGED, DROP
 from kube_network_policies.dataplane.worker import make_decide
 from kube_network_policies.engine import ClusterState, Features
@@ -24,7 +24,8 @@ TCP, UDP, DSTOPTS, FRAG, MOBILITY = 6, 17, 60, 44, 135
 
 def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
         "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
         "status": {"phase": "Running", "podIPs": [{"ip": ip4}, {"ip": ip6}]},
@@ -34,19 +35,33 @@ def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
 # B accepts A on TCP 80 only; C accepts nobody.
 OBJECTS = [
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}},
-    pod("a", A4, A6), pod("b", B4, B6), pod("c", C4, C6),
-    {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "b", "namespace": "t"},
-     "spec": {"podSelector": {"matchLabels": {"app": "b"}},
-              "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}]}},
-    {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "c", "namespace": "t"},
-     "spec": {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"]}},
+    pod("a", A4, A6),
+    pod("b", B4, B6),
+    pod("c", C4, C6),
+    {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "b", "namespace": "t"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "b"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}],
+        },
+    },
+    {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "c", "namespace": "t"},
+        "spec": {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"]},
+    },
 ]
 
 
 def v4(src: str, dst: str, dport: int, *, frag: int = 0x4000) -> bytes:
     tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 0x50, 0x02, 64240, 0, 0)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, frag, 64, TCP, 0,
-                       bytes(int(x) for x in src.split(".")), bytes(int(x) for x in dst.split("."))) + tcp
+    return (
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, frag, 64, TCP, 0, bytes(int(x) for x in src.split(".")), bytes(int(x) for x in dst.split(".")))
+        + tcp
+    )
 
 
 def v6(src: str, dst: str, dport: int, *, options: int = 0, first: int | None = None) -> bytes:
@@ -60,8 +75,7 @@ def v6(src: str, dst: str, dport: int, *, options: int = 0, first: int | None = 
         nh = DSTOPTS
     if first is not None:
         nh = first
-    return struct.pack("!IHBB16s16s", 0x60000000, len(body), nh, 64,
-                       ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + body
+    return struct.pack("!IHBB16s16s", 0x60000000, len(body), nh, 64, ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + body
 
 
 def decider(fail_open: bool, ready: bool = True) -> tuple[Any, dict[str, int]]:

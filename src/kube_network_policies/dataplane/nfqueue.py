@@ -418,7 +418,7 @@ class NfQueue:
         try:
             default = self.fail_open
             self.process(lambda _payload: default, 0)
-        except Exception:  # closing must not fail; the kernel drops anything left
+        except Exception:  # noqa: BLE001, S110 - closing must not fail; the kernel drops anything left
             pass
         try:
             self._request("unbind", _cmd(NFQNL_CFG_CMD_UNBIND), timeout=1.0)
@@ -430,9 +430,7 @@ class NfQueue:
     def __enter__(self) -> NfQueue:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def fileno(self) -> int:
@@ -538,7 +536,7 @@ class NfQueue:
                             else:
                                 try:
                                     verdict = decide(payload)
-                                except Exception as e:  # never let one packet take the loop down
+                                except Exception as e:  # noqa: BLE001 - never let one packet take the loop down
                                     decide_errors += 1
                                     self.last_decide_error = f"{type(e).__name__}: {e}"
                                     verdict = default
@@ -625,7 +623,7 @@ class NfQueue:
         marked = self._accept_marked_prefix
         tails: dict[int, bytes] = {}
         parts = []
-        for i, mark in zip(accepts, marks):
+        for i, mark in zip(accepts, marks, strict=True):
             if mark < 0:
                 parts.append(plain + _pack_be32(i))
             else:
@@ -698,7 +696,7 @@ def _fork(target: Callable[[], dict[str, float] | None], netns: str) -> tuple[in
             result = target()
             os.write(w, json.dumps(result or {}).encode())
             code = 0
-        except BaseException as e:  # report, do not print a traceback
+        except BaseException as e:  # noqa: BLE001 - report, do not print a traceback
             try:
                 os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
             except OSError:
@@ -819,8 +817,24 @@ def bench(seconds: float = 5.0, clients: int = 2, window: int = 64, queue_num: i
     sh("ip", "netns", "add", netns)
     try:
         sh("ip", "-n", netns, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", netns, "iptables", "-A", "INPUT", "-p", "tcp", "--syn", "--dport", str(port),
-           "-j", "NFQUEUE", "--queue-num", str(queue_num))
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            str(port),
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            str(queue_num),
+        )
         ready_r, ready_w = os.pipe()
         consumer = _fork(lambda: _bench_consumer(queue_num, ready_w, port), netns)
         os.close(ready_w)
@@ -857,7 +871,7 @@ def bench(seconds: float = 5.0, clients: int = 2, window: int = 64, queue_num: i
             "verdict_errors": c["verdict_errors"],
         }
     finally:
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)
 
 
 def _iter_bench_lines(result: dict[str, float]) -> Iterator[str]:

@@ -164,14 +164,13 @@ class RulesetConfig:
     judged_mark: int = DEFAULT_JUDGED_MARK
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backend, Backend):
-            raise ValueError(f"backend must be a Backend, got {self.backend!r}")
+        if not isinstance(self.backend, Backend):  # every bad setting is a ValueError to callers
+            raise ValueError(f"backend must be a Backend, got {self.backend!r}")  # noqa: TRY004
         if not 0 <= self.queue_id <= 0xFFFF:
             raise ValueError(f"queue_id must be within 0..65535, got {self.queue_id}")
         if self.queue_count < 1 or self.queue_id + self.queue_count - 1 > 0xFFFF:
             raise ValueError(
-                f"queue_count must be >= 1 and queue_id + queue_count - 1 <= 65535, "
-                f"got queue_id={self.queue_id} queue_count={self.queue_count}"
+                f"queue_count must be >= 1 and queue_id + queue_count - 1 <= 65535, got queue_id={self.queue_id} queue_count={self.queue_count}"
             )
         if not 0 < self.mark <= 0xFFFFFFFF or self.mark.bit_count() != 1:
             raise ValueError(f"mark must be a single bit of a 32-bit mark, got {self.mark:#x}")
@@ -237,11 +236,7 @@ def xt_rules(config: RulesetConfig) -> tuple[XtRule, ...]:
     mark = f"{config.mark:#x}/{config.mark:#x}"
     # The comment identifies our rules so a later agent can find and replace stale ones.
     args = ("-m", "mark", "--mark", mark, "-m", "comment", "--comment", TABLE, "-j", "NFQUEUE") + queue
-    return tuple(
-        XtRule(binary, chain, args)
-        for binary in ("iptables", "ip6tables")
-        for chain in ("POSTROUTING", "INPUT")
-    )
+    return tuple(XtRule(binary, chain, args) for binary in ("iptables", "ip6tables") for chain in ("POSTROUTING", "INPUT"))
 
 
 def _set_mark(config: RulesetConfig) -> str:
@@ -316,7 +311,7 @@ def render(config: RulesetConfig, v4: Iterable[Address], v6: Iterable[Address]) 
     for name, ips in ((SET_V4, v4_ips), (SET_V6, v6_ips)):
         lines.append(f"flush set {t} {name}")
         for i in range(0, len(ips), ELEMENT_CHUNK):
-            lines.append(f"add element {t} {name} {{ {', '.join(ips[i:i + ELEMENT_CHUNK])} }}")
+            lines.append(f"add element {t} {name} {{ {', '.join(ips[i : i + ELEMENT_CHUNK])} }}")
     lines += flush_cache_commands(config)  # the state may have changed: forget every tuple
 
     divert = _divert(config)

@@ -234,14 +234,11 @@ def parse_addresses(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes,
 
 def _bench_packets() -> dict[str, bytes]:
     tcp_syn = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0xA0, 0x02, 64240, 0, 0) + bytes(20)
-    v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp_syn), 1, 0x4000, 64, 6, 0,
-                     bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)))
-    v6 = struct.pack("!IHBB16s16s", 0x60000000, len(tcp_syn), 6, 64, b"\xfd" + bytes(14) + b"\x01",
-                     b"\xfd" + bytes(14) + b"\x02")
+    v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp_syn), 1, 0x4000, 64, 6, 0, bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)))
+    v6 = struct.pack("!IHBB16s16s", 0x60000000, len(tcp_syn), 6, 64, b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02")
     hop = struct.pack("!BB6x", _DSTOPTS, 0)
     dst = struct.pack("!BB6x", _TCP, 0)
-    v6ext = struct.pack("!IHBB16s16s", 0x60000000, 16 + len(tcp_syn), _HOPOPTS, 64,
-                        b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02")
+    v6ext = struct.pack("!IHBB16s16s", 0x60000000, 16 + len(tcp_syn), _HOPOPTS, 64, b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02")
     return {
         "ipv4 tcp syn": v4 + tcp_syn,
         "ipv6 tcp syn": v6 + tcp_syn,

@@ -8,7 +8,6 @@ the network namespace. (One exception, on the first sync only: a chain left by a
 agent with a different hook or priority cannot be changed in place and is replaced.)
 """
 
-
 from __future__ import annotations
 
 import json
@@ -274,7 +273,10 @@ class Ruleset:
                 return
             self._state.closed = True
             if keep:
-                log.info("keeping the ruleset for the next agent (%s)", "bypass: packets flow meanwhile" if self._config.fail_open else "fail-closed: new connections of selected pods wait for it")
+                log.info(
+                    "keeping the ruleset for the next agent (%s)",
+                    "bypass: packets flow meanwhile" if self._config.fail_open else "fail-closed: new connections of selected pods wait for it",
+                )
                 return
             log.info("removing the ruleset")
             xt = self._config.backend is Backend.XT_NFQUEUE or self._state.xt_before

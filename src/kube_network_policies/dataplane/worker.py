@@ -63,7 +63,9 @@ def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
             state.delete(op[1], op[2], op[3])
 
 
-def make_decide(state: ClusterState, node: str, fail_open: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]) -> Callable[[memoryview], int]:
+def make_decide(
+    state: ClusterState, node: str, fail_open: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]
+) -> Callable[[memoryview], int]:
     """The per-packet function: parse, judge, record. Kept flat; every name it uses is local.
 
     Returns ACCEPT_JUDGED only when the engine accepted the packet's full (source, destination,

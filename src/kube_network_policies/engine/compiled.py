@@ -23,7 +23,7 @@ class NamespaceEntry:
     """Mutable holder of a namespace's current labels, shared by its pods' entries, so that a
     namespace relabel is seen by every pod at once without touching them."""
 
-    __slots__ = ("name", "labels")
+    __slots__ = ("labels", "name")
 
     def __init__(self, name: str, labels: LabelSet) -> None:
         self.name = name
@@ -33,7 +33,7 @@ class NamespaceEntry:
 class PodEntry:
     """The engine's view of a pod: the immutable Pod plus what the packet path reads."""
 
-    __slots__ = ("pod", "key", "ns", "labels", "group", "named", "packed", "selected_by", "plans", "subject")
+    __slots__ = ("group", "key", "labels", "named", "ns", "packed", "plans", "pod", "selected_by", "subject")
 
     def __init__(self, pod: Pod, ns: NamespaceEntry, named: frozenset[tuple[str, int, int]], packed: tuple[bytes, ...]) -> None:
         self.pod = pod
@@ -62,7 +62,7 @@ class PodSelectorPeer:
     and keeps `groups`, the pod groups it matches, current as pods, namespaces and policies change.
     """
 
-    __slots__ = ("namespace", "ns_selector", "pod_selector", "groups", "users")
+    __slots__ = ("groups", "namespace", "ns_selector", "pod_selector", "users")
 
     def __init__(self, namespace: str | None, ns_selector: LabelSelector | None, pod_selector: LabelSelector | None) -> None:
         self.namespace = namespace
@@ -104,7 +104,7 @@ class Rule:
     masks for CIDRs, a dict look-up for node addresses.
     """
 
-    __slots__ = ("ranges", "names", "any_peer", "selectors", "blocks", "nodes", "nodes_by_ip", "action", "reason")
+    __slots__ = ("action", "any_peer", "blocks", "names", "nodes", "nodes_by_ip", "ranges", "reason", "selectors")
 
     def __init__(
         self,
@@ -261,7 +261,9 @@ def compile_network_policy(policy: NetworkPolicy) -> CompiledNetworkPolicy:
                 else:
                     selectors.append(PodSelectorPeer(None, p.namespace_selector, p.pod_selector))
             reason = Reason(Tier.NETWORK_POLICY, Action.ALLOW, policy.key, f"{direction.lower()} rule {i}")
-            out.append(make_rule(ports=np_ports(r.ports), any_peer=not r.peers, selectors=selectors, blocks=blocks, action=Action.ALLOW, reason=reason))
+            out.append(
+                make_rule(ports=np_ports(r.ports), any_peer=not r.peers, selectors=selectors, blocks=blocks, action=Action.ALLOW, reason=reason)
+            )
         return tuple(out)
 
     return CompiledNetworkPolicy(("NetworkPolicy", policy.namespace, policy.name), policy, rules(INGRESS), rules(EGRESS))
@@ -325,7 +327,9 @@ def compile_tiered_policy(policy: ap.TieredPolicy, nodes_by_ip: dict[bytes, Labe
                 # Unknown peers of Allow rules (fail closed) and domainNames peers match nothing.
             reason = Reason(tier, action, f"{short}/{policy.name}", label)
             out.append(
-                make_rule(ports=admin_ports(r.ports), selectors=selectors, blocks=blocks, nodes=nodes, nodes_by_ip=nodes_by_ip, action=action, reason=reason)
+                make_rule(
+                    ports=admin_ports(r.ports), selectors=selectors, blocks=blocks, nodes=nodes, nodes_by_ip=nodes_by_ip, action=action, reason=reason
+                )
             )
         return tuple(out)
 
@@ -343,7 +347,7 @@ INGRESS_DIRECTION = INGRESS
 class DirectionPlan:
     """What decides one direction for the pods that share exactly the same selecting policies."""
 
-    __slots__ = ("admin", "network_policy", "np_deny", "baseline", "default", "default_result", "trivial")
+    __slots__ = ("admin", "baseline", "default", "default_result", "network_policy", "np_deny", "trivial")
 
     def __init__(
         self,
@@ -363,7 +367,7 @@ class DirectionPlan:
 
 
 class Plans:
-    __slots__ = ("ingress", "egress", "managed")
+    __slots__ = ("egress", "ingress", "managed")
 
     def __init__(self, ingress: DirectionPlan, egress: DirectionPlan) -> None:
         self.ingress = ingress

@@ -96,9 +96,7 @@ class ApiClient:
         meta = obj.get("metadata") or {}
         path = resource_path(kind, meta.get("namespace", "default"), meta["name"])
         body = {k: v for k, v in obj.items() if k != "status"}
-        status, out = self.cp.request(
-            "PATCH", f"{path}?fieldManager={FIELD_MANAGER}&force=true", body, content_type="application/apply-patch+yaml"
-        )
+        status, out = self.cp.request("PATCH", f"{path}?fieldManager={FIELD_MANAGER}&force=true", body, content_type="application/apply-patch+yaml")
         self._note(kind, self._check(f"apply {kind} {meta.get('namespace', '')}/{meta['name']}", status, out))
         if kind in ("Pod", "Node") and obj.get("status"):
             status, out = self.cp.request("PATCH", f"{path}/status", {"status": obj["status"]}, content_type="application/merge-patch+json")
@@ -106,7 +104,9 @@ class ApiClient:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         path = resource_path(kind, namespace or "default", name)
-        status, out = self.cp.request("DELETE", path + "?gracePeriodSeconds=0", {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
+        status, out = self.cp.request(
+            "DELETE", path + "?gracePeriodSeconds=0", {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0}
+        )
         if status == 404:
             return
         self._check(f"delete {kind} {namespace}/{name}", status, out, (200, 202))
@@ -183,7 +183,7 @@ def _pod_object(obj: dict[str, Any]) -> dict[str, Any]:
 class ApiLabSession(LabSession):
     """A lab session whose agents watch the API server instead of reading files."""
 
-    def __init__(self, cluster: ScenarioCluster, timeout: float, cp: ControlPlane, proxy_port: int) -> None:  # noqa: PLR0915
+    def __init__(self, cluster: ScenarioCluster, timeout: float, cp: ControlPlane, proxy_port: int) -> None:
         self.cluster = cluster
         scenario = cluster.scenario
         self.apply_seconds: list[float] = []
@@ -216,7 +216,9 @@ class ApiLabSession(LabSession):
             flags = [FEATURE_FLAGS[r] for r in scenario.requires if r in FEATURE_FLAGS]
             for node in scenario.nodes:
                 self.agents.append(
-                    Agent(self.topology, node.name, None, flags, metrics_port, self._workdir / f"agent-{node.name}.log", kubeconfig=cp.kubeconfig_path)
+                    Agent(
+                        self.topology, node.name, None, flags, metrics_port, self._workdir / f"agent-{node.name}.log", kubeconfig=cp.kubeconfig_path
+                    )
                 )
             self._wait_written("start")
         except BaseException:
@@ -272,7 +274,7 @@ def controlplane_bin_dir() -> Path:
     script = REPO / "hack" / "controlplane" / "build.sh"
     if not script.exists():
         raise LabError(f"{script} is missing: --apiserver needs the repository's control-plane build script")
-    proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=None, text=True)
+    proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=None, text=True, check=False)
     if proc.returncode != 0:
         raise LabError("building the control plane failed (see the output above)")
     return Path(proc.stdout.strip().splitlines()[-1])

@@ -44,7 +44,12 @@ def synthetic_pod(i: int) -> dict[str, Any]:
         "terminationMessagePolicy": "File",
         "imagePullPolicy": "IfNotPresent",
     }
-    sidecar = {"name": "proxy", "image": "registry.example.com/proxy:2.0", "ports": [{"name": "proxy", "containerPort": 15001}], "restartPolicy": "Always"}
+    sidecar = {
+        "name": "proxy",
+        "image": "registry.example.com/proxy:2.0",
+        "ports": [{"name": "proxy", "containerPort": 15001}],
+        "restartPolicy": "Always",
+    }
     return {
         "metadata": {
             "name": name,
@@ -55,16 +60,56 @@ def synthetic_pod(i: int) -> dict[str, Any]:
             "creationTimestamp": ts,
             "labels": labels,
             "annotations": {"kubectl.kubernetes.io/restartedAt": ts},
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{deploy}-{i // 10:08x}", "uid": "abcd", "controller": True, "blockOwnerDeletion": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{deploy}-{i // 10:08x}",
+                    "uid": "abcd",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
             "managedFields": [
-                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "time": ts, "fieldsType": "FieldsV1",
-                 "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}}}, "f:spec": {"f:containers": {'k:{"name":"main"}': {".": {}, "f:image": {}, "f:ports": {}}}}}},
-                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": ts, "fieldsType": "FieldsV1", "subresource": "status",
-                 "fieldsV1": {"f:status": {"f:conditions": {}, "f:containerStatuses": {}, "f:hostIP": {}, "f:phase": {}, "f:podIP": {}, "f:podIPs": {}, "f:startTime": {}}}},
+                {
+                    "manager": "kube-controller-manager",
+                    "operation": "Update",
+                    "apiVersion": "v1",
+                    "time": ts,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {
+                        "f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}}},
+                        "f:spec": {"f:containers": {'k:{"name":"main"}': {".": {}, "f:image": {}, "f:ports": {}}}},
+                    },
+                },
+                {
+                    "manager": "kubelet",
+                    "operation": "Update",
+                    "apiVersion": "v1",
+                    "time": ts,
+                    "fieldsType": "FieldsV1",
+                    "subresource": "status",
+                    "fieldsV1": {
+                        "f:status": {
+                            "f:conditions": {},
+                            "f:containerStatuses": {},
+                            "f:hostIP": {},
+                            "f:phase": {},
+                            "f:podIP": {},
+                            "f:podIPs": {},
+                            "f:startTime": {},
+                        }
+                    },
+                },
             ],
         },
         "spec": {
-            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}], "defaultMode": 420}}],
+            "volumes": [
+                {
+                    "name": "kube-api-access",
+                    "projected": {"sources": [{"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}], "defaultMode": 420},
+                }
+            ],
             "initContainers": [sidecar],
             "containers": [container],
             "restartPolicy": "Always",
@@ -81,13 +126,28 @@ def synthetic_pod(i: int) -> dict[str, Any]:
         },
         "status": {
             "phase": "Running",
-            "conditions": [{"type": t, "status": "True", "lastProbeTime": None, "lastTransitionTime": ts} for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")],
+            "conditions": [
+                {"type": t, "status": "True", "lastProbeTime": None, "lastTransitionTime": ts}
+                for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")
+            ],
             "hostIP": f"192.168.0.{i % 100}",
             "hostIPs": [{"ip": f"192.168.0.{i % 100}"}],
             "podIP": ip,
             "podIPs": [{"ip": ip}],
             "startTime": ts,
-            "containerStatuses": [{"name": "main", "state": {"running": {"startedAt": ts}}, "lastState": {}, "ready": True, "restartCount": 0, "image": "registry.example.com/app:1.2.3", "imageID": "registry.example.com/app@sha256:" + "0" * 64, "containerID": "containerd://" + "1" * 64, "started": True}],
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "state": {"running": {"startedAt": ts}},
+                    "lastState": {},
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": "registry.example.com/app:1.2.3",
+                    "imageID": "registry.example.com/app@sha256:" + "0" * 64,
+                    "containerID": "containerd://" + "1" * 64,
+                    "started": True,
+                }
+            ],
             "qosClass": "Burstable",
         },
     }
@@ -101,7 +161,9 @@ def make_pages(pods: int, page_size: int = 500) -> list[bytes]:
         if end < pods:
             meta["continue"] = f"page-{end}"
             meta["remainingItemCount"] = pods - end
-        pages.append(json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": [synthetic_pod(i) for i in range(start, end)]}).encode())
+        pages.append(
+            json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": [synthetic_pod(i) for i in range(start, end)]}).encode()
+        )
     return pages
 
 

@@ -36,7 +36,12 @@ def pod_object(i: int, namespaces: int, rng: random.Random) -> dict[str, Any]:
         },
         "spec": {
             "nodeName": f"node-{i % 100}",
-            "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}],
+            "containers": [
+                {
+                    "name": "c",
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"name": "dns", "containerPort": 53, "protocol": "UDP"}],
+                }
+            ],
         },
         "status": {"phase": "Running", "podIP": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"},
     }
@@ -49,7 +54,12 @@ def network_policy_object(i: int, namespaces: int, rng: random.Random) -> dict[s
     ingress: list[dict[str, Any]] = [
         {"from": [{"podSelector": {"matchLabels": {"app": other}}}], "ports": [{"port": 8080}, {"port": "http"}]},
         {
-            "from": [{"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]}, "podSelector": {"matchLabels": {"tier": "web"}}}],
+            "from": [
+                {
+                    "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+                    "podSelector": {"matchLabels": {"tier": "web"}},
+                }
+            ],
             "ports": [{"protocol": "TCP", "port": 9000, "endPort": 9100}],
         },
         {"from": [{"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}]},
@@ -63,14 +73,25 @@ def network_policy_object(i: int, namespaces: int, rng: random.Random) -> dict[s
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": f"np-{i}", "namespace": ns},
-        "spec": {"podSelector": {"matchLabels": {"app": app}}, "policyTypes": types, "ingress": ingress, "egress": egress if "Egress" in types else []},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": app}},
+            "policyTypes": types,
+            "ingress": ingress,
+            "egress": egress if "Egress" in types else [],
+        },
     }
 
 
 def admin_policy_object(i: int, namespaces: int) -> dict[str, Any]:
     target = {"matchLabels": {"kubernetes.io/metadata.name": f"ns-{i % namespaces}"}}
     rules = [
-        {"name": "deny-db", "action": "Deny", "to" if False else "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}]},
+        {
+            "name": "deny-db",
+            "action": "Deny",
+            "to" if False else "from": [
+                {"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}
+            ],
+        },
         {"name": "pass-same", "action": "Pass", "from": [{"namespaces": target}], "ports": [{"portRange": {"start": 8000, "end": 8999}}]},
     ]
     egress = [{"name": "deny-external", "action": "Deny", "to": [{"networks": ["203.0.113.0/24"]}]}]
@@ -82,14 +103,29 @@ def admin_policy_object(i: int, namespaces: int) -> dict[str, Any]:
             "spec": {"priority": i % 1000, "subject": {"namespaces": target}, "ingress": rules, "egress": egress},
         }
     cnp_rules = [
-        {"name": "deny-db", "action": "Deny", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}]},
-        {"name": "pass-same", "action": "Pass", "from": [{"namespaces": target}], "protocols": [{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8999}}}}]},
+        {
+            "name": "deny-db",
+            "action": "Deny",
+            "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}],
+        },
+        {
+            "name": "pass-same",
+            "action": "Pass",
+            "from": [{"namespaces": target}],
+            "protocols": [{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8999}}}}],
+        },
     ]
     return {
         "apiVersion": "policy.networking.k8s.io/v1alpha2",
         "kind": "ClusterNetworkPolicy",
         "metadata": {"name": f"cnp-{i}"},
-        "spec": {"tier": "Admin" if i % 4 == 1 else "Baseline", "priority": i % 1000, "subject": {"namespaces": target}, "ingress": cnp_rules, "egress": egress},
+        "spec": {
+            "tier": "Admin" if i % 4 == 1 else "Baseline",
+            "priority": i % 1000,
+            "subject": {"namespaces": target},
+            "ingress": cnp_rules,
+            "egress": egress,
+        },
     }
 
 
@@ -156,21 +192,21 @@ def run_benchmark(pods: int = 10_000, policies: int = 1_000, admin_policies: int
     # Update costs.
     t0 = time.perf_counter()
     n_pod_updates = 2000
-    for k in range(n_pod_updates):
+    for _ in range(n_pod_updates):
         obj = pod_object(rng.randrange(pods), namespaces, rng)
         obj["metadata"]["labels"]["app"] = rng.choice(APPS)
         state.apply(parse_object(obj))
     pod_update_us = (time.perf_counter() - t0) / n_pod_updates * 1e6
     t0 = time.perf_counter()
     n_np_updates = 200
-    for k in range(n_np_updates):
+    for _ in range(n_np_updates):
         obj = network_policy_object(rng.randrange(policies), namespaces, rng)
         obj["spec"]["podSelector"] = {"matchLabels": {"app": rng.choice(APPS)}}
         state.apply(parse_object(obj))
     np_update_us = (time.perf_counter() - t0) / n_np_updates * 1e6
     t0 = time.perf_counter()
     n_admin_updates = 20
-    for k in range(n_admin_updates):
+    for _ in range(n_admin_updates):
         state.apply(parse_object(admin_policy_object(rng.randrange(admin_policies), namespaces)))
     admin_update_us = (time.perf_counter() - t0) / n_admin_updates * 1e6
 

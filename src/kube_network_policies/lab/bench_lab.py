@@ -67,11 +67,11 @@ import http.client
 import json
 import math
 import os
-import signal
 import random
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,8 +206,13 @@ def bench_namespace_policies(filler: int = FILLER_POLICIES) -> list[dict[str, An
     out = []
     for i in range(filler):
         if i == 0:
-            dns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
-            out.append(_np("filler-0-default-deny", {}, [], [{"to": [dns], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]))
+            dns = {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+            out.append(
+                _np("filler-0-default-deny", {}, [], [{"to": [dns], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}])
+            )
             continue
         if i == 1:
             mon = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
@@ -216,7 +221,12 @@ def bench_namespace_policies(filler: int = FILLER_POLICIES) -> list[dict[str, An
         ingress: list[dict[str, Any]] = [
             {"from": [{"podSelector": {"matchLabels": {"app": f"app-{i}"}}}], "ports": [{"port": PORT}, {"port": "http"}]},
             {
-                "from": [{"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]}, "podSelector": {"matchLabels": {"tier": "web"}}}],
+                "from": [
+                    {
+                        "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+                        "podSelector": {"matchLabels": {"tier": "web"}},
+                    }
+                ],
                 "ports": [{"protocol": "TCP", "port": 9000, "endPort": 9100}],
             },
             {"from": [{"ipBlock": {"cidr": f"192.168.{i}.0/24", "except": [f"192.168.{i}.128/25"]}}]},
@@ -310,7 +320,7 @@ def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int])
     rank = q * total
     seen = 0
     lower = 0.0
-    for bound, c in zip(bounds, counts):
+    for bound, c in zip(bounds, counts, strict=True):
         if c and seen + c >= rank:
             if math.isinf(bound):
                 return lower
@@ -363,7 +373,7 @@ def _system_cpu() -> tuple[float, float, float]:
     """(busy, softirq, total) CPU seconds over all CPUs since boot."""
     with open("/proc/stat", encoding="ascii") as f:
         values = [int(v) for v in f.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = values
+    _user, _nice, _system, idle, iowait, _irq, softirq, _steal = values
     total = sum(values)
     return (total - idle - iowait) / _TICK, softirq / _TICK, total / _TICK
 
@@ -428,7 +438,9 @@ class RulesetToggle:
     continued once it is back: it is idle during the bench anyway. On continuing, it reads the
     notifications of the removal and re-install, checks, and finds the ruleset as it left it."""
 
-    def __init__(self, netns: str, v4: Sequence[str], v6: Sequence[str], queues: int = 1, accept_cache: bool = True, agent_pid: int | None = None) -> None:
+    def __init__(
+        self, netns: str, v4: Sequence[str], v6: Sequence[str], queues: int = 1, accept_cache: bool = True, agent_pid: int | None = None
+    ) -> None:
         self.netns = netns
         self.agent_pid = agent_pid
         self.v4 = list(v4)
@@ -577,7 +589,7 @@ class BenchLab:
             except OSError as exc:
                 self.log(f"warning: cannot shorten conntrack's CLOSE timeout in the node namespace ({exc}); long runs may fill the conntrack table")
         self.log(f"set-up: {len(pods)} pods in network namespaces on 1 node, manifests written ({time.monotonic() - t0:.1f} s)")
-        for i, key in enumerate(self.server_keys):
+        for key in self.server_keys:
             self.servers[key] = loadgen.serve(_netns_prefix(self.topology.netns_of(key)), [PORT], threads=self.config.server_threads)
         t0 = time.monotonic()
         flags = ["-nfqueue-id", str(QUEUE_ID), "-nfqueue-count", str(cfg.queues), f"-accept-cache={'true' if cfg.accept_cache else 'false'}"]
@@ -602,7 +614,9 @@ class BenchLab:
         self.worker_pids = _children(self.agent.process.pid)
         if len(self.worker_pids) != cfg.queues:
             raise LabError(f"expected {cfg.queues} agent worker process(es), found {self.worker_pids}")
-        self.toggle = RulesetToggle(self.topology.node_netns(NODE), v4, list(st.get("diverted_ipv6", [])), cfg.queues, cfg.accept_cache, self.agent.process.pid)
+        self.toggle = RulesetToggle(
+            self.topology.node_netns(NODE), v4, list(st.get("diverted_ipv6", [])), cfg.queues, cfg.accept_cache, self.agent.process.pid
+        )
         snap, q = self._metrics(), self._queue()
         self._offset = q.id_sequence - q.queue_dropped - q.user_dropped - snap.count - snap.errors
 
@@ -629,7 +643,9 @@ class BenchLab:
             stats = read_queue_stats("/proc/thread-self/net/netfilter/nfnetlink_queue")
         found = [stats.get(n) for n in range(QUEUE_ID, QUEUE_ID + self.config.queues)]
         if any(q is None for q in found):
-            raise LabError(f"no consumer is bound to some NFQUEUE of {QUEUE_ID}..{QUEUE_ID + self.config.queues - 1} in the node namespace (did an agent worker die?)")
+            raise LabError(
+                f"no consumer is bound to some NFQUEUE of {QUEUE_ID}..{QUEUE_ID + self.config.queues - 1} in the node namespace (did an agent worker die?)"
+            )
         return QueueStats(*(sum(getattr(q, f) for q in found) for f in QueueStats._fields))
 
     def _flushed(self) -> tuple[MetricsSnapshot, QueueStats]:
@@ -650,7 +666,7 @@ class BenchLab:
         assert self.topology is not None
         if shutil.which("conntrack") is None:
             return
-        subprocess.run([*_netns_prefix(self.topology.node_netns(NODE)), "conntrack", "-F"], capture_output=True, timeout=30)
+        subprocess.run([*_netns_prefix(self.topology.node_netns(NODE)), "conntrack", "-F"], capture_output=True, timeout=30, check=False)
 
     # -- load --
 
@@ -662,13 +678,26 @@ class BenchLab:
         procs = []
         try:
             for key in workload.clients:
-                cmd = [*_netns_prefix(self.topology.netns_of(key)), binary, "connect", "--targets", targets,
-                       "--duration", repr(float(duration)), "--concurrency", str(per_client),
-                       "--threads", str(self.config.loadgen_threads), "--timeout", repr(CONNECT_TIMEOUT_S), "--json"]
+                cmd = [
+                    *_netns_prefix(self.topology.netns_of(key)),
+                    binary,
+                    "connect",
+                    "--targets",
+                    targets,
+                    "--duration",
+                    repr(float(duration)),
+                    "--concurrency",
+                    str(per_client),
+                    "--threads",
+                    str(self.config.loadgen_threads),
+                    "--timeout",
+                    repr(CONNECT_TIMEOUT_S),
+                    "--json",
+                ]
                 procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             self._clients = procs
             reports = []
-            for key, proc in zip(workload.clients, procs):
+            for key, proc in zip(workload.clients, procs, strict=True):
                 out, err = proc.communicate(timeout=duration + CONNECT_TIMEOUT_S + 60)
                 if proc.returncode != 0:
                     raise LabError(f"knp-loadgen connect in {key} exited {proc.returncode}: {err.strip()}")
@@ -720,7 +749,7 @@ class BenchLab:
 
         def weighted(key: str) -> float:
             vals = [float(r["latency_us"][key]) for r in reports]
-            return sum(v * w for v, w in zip(vals, weights)) / sum(weights) if sum(weights) else math.nan
+            return sum(v * w for v, w in zip(vals, weights, strict=True)) / sum(weights) if sum(weights) else math.nan
 
         bounds = sorted(before.buckets)
         cum_b = [after.buckets.get(b, 0) - before.buckets.get(b, 0) for b in bounds]
@@ -799,11 +828,11 @@ def summarize(workload: Workload, rounds: Sequence[RoundResult], bounds: Sequenc
     base = [r for r in rounds if r.mode == "baseline"]
     cps_a = _median([r.conn_per_s for r in agent])
     cps_b = _median([r.conn_per_s for r in base])
-    counts = [sum(col) for col in zip(*(r.buckets for r in agent))] if agent else []
+    counts = [sum(col) for col in zip(*(r.buckets for r in agent), strict=True)] if agent else []
     total = sum(counts)
 
     def at_or_under(limit: float) -> float:
-        return sum(c for b, c in zip(bounds, counts) if b <= limit) / total if total else math.nan
+        return sum(c for b, c in zip(bounds, counts, strict=True) if b <= limit) / total if total else math.nan
 
     def cpu(rs: Sequence[RoundResult], key: str) -> float:
         return round(_median([r.cpu.get(key, math.nan) for r in rs]), 3)
@@ -843,7 +872,19 @@ def summarize(workload: Workload, rounds: Sequence[RoundResult], bounds: Sequenc
         "failures": {"agent": sum(r.failures + r.timeouts for r in agent), "baseline": sum(r.failures + r.timeouts for r in base)},
         "failure_kinds": {mode: _sum_kinds([r.failure_kinds for r in rs]) for mode, rs in (("agent", agent), ("baseline", base))},
         "cpu_cores": {
-            "agent": {k: cpu(agent, k) for k in ("cores_busy", "agent_worker", "agent_worker_runqueue_wait", "agent_control", "loadgen_clients", "loadgen_servers", "softirq", "other")},
+            "agent": {
+                k: cpu(agent, k)
+                for k in (
+                    "cores_busy",
+                    "agent_worker",
+                    "agent_worker_runqueue_wait",
+                    "agent_control",
+                    "loadgen_clients",
+                    "loadgen_servers",
+                    "softirq",
+                    "other",
+                )
+            },
             "baseline": {k: cpu(base, k) for k in ("cores_busy", "loadgen_clients", "loadgen_servers", "softirq", "other")},
         },
         "agent_cpu_us_per_packet": {
@@ -852,8 +893,17 @@ def summarize(workload: Workload, rounds: Sequence[RoundResult], bounds: Sequenc
             "control": cpu(agent, "agent_control_us_per_packet"),
         },
         "rounds": [
-            {"mode": r.mode, "conn_per_s": round(r.conn_per_s), "latency_p50_us": round(r.latency_p50_us, 1), "latency_p99_us": round(r.latency_p99_us, 1),
-             **({"verdict_p50_us": round(r.summary.get(0.5, math.nan), 2), "verdict_p99_us": round(r.summary.get(0.99, math.nan), 2)} if r.mode == "agent" else {})}
+            {
+                "mode": r.mode,
+                "conn_per_s": round(r.conn_per_s),
+                "latency_p50_us": round(r.latency_p50_us, 1),
+                "latency_p99_us": round(r.latency_p99_us, 1),
+                **(
+                    {"verdict_p50_us": round(r.summary.get(0.5, math.nan), 2), "verdict_p99_us": round(r.summary.get(0.99, math.nan), 2)}
+                    if r.mode == "agent"
+                    else {}
+                ),
+            }
             for r in rounds
         ],
     }
@@ -911,8 +961,15 @@ def run_lab_bench(
         return 2
     try:
         config = BenchConfig(
-            seconds=seconds, rounds=rounds, warmup=warmup, pods=pods, policies=policies, concurrency=concurrency,
-            filler_policies=filler_policies, queues=queues, accept_cache=accept_cache,
+            seconds=seconds,
+            rounds=rounds,
+            warmup=warmup,
+            pods=pods,
+            policies=policies,
+            concurrency=concurrency,
+            filler_policies=filler_policies,
+            queues=queues,
+            accept_cache=accept_cache,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -921,8 +978,15 @@ def run_lab_bench(
     clients = tuple(f"{NAMESPACE}/client-{i}" for i in range(max(config.w1_clients, config.w2_clients)))
     servers = tuple(f"{NAMESPACE}/server-{i}" for i in range(config.w2_servers))
     workloads = [
-        Workload("workload1", f"{config.w1_clients} client pods -> 1 server pod, port {PORT} (reconnecting)", clients[: config.w1_clients], servers[:1]),
-        Workload("workload2", f"{config.w2_clients} client pods x {config.w2_servers} server pods, port {PORT} (distinct pod pairs)", clients[: config.w2_clients], servers),
+        Workload(
+            "workload1", f"{config.w1_clients} client pods -> 1 server pod, port {PORT} (reconnecting)", clients[: config.w1_clients], servers[:1]
+        ),
+        Workload(
+            "workload2",
+            f"{config.w2_clients} client pods x {config.w2_servers} server pods, port {PORT} (distinct pod pairs)",
+            clients[: config.w2_clients],
+            servers,
+        ),
     ]
     try:
         lab = BenchLab(config, log)
@@ -945,9 +1009,15 @@ def run_lab_bench(
                 for mode in ("agent", "baseline"):
                     r = lab.run_round(wl, mode)
                     results.append(r)
-                    extra = f", per packet p50 {r.summary.get(0.5, math.nan):.1f} µs p99 {r.summary.get(0.99, math.nan):.1f} µs" if mode == "agent" else ""
-                    log(f"  {wl.key} round {n + 1} {mode:8s} {r.conn_per_s:>9,.0f} conn/s, connect p50 {r.latency_p50_us:.0f} µs p99 {r.latency_p99_us:.0f} µs, "
-                        f"{r.failures + r.timeouts} failed, CPU {r.cpu['cores_busy']:.2f} cores{extra}")
+                    extra = (
+                        f", per packet p50 {r.summary.get(0.5, math.nan):.1f} µs p99 {r.summary.get(0.99, math.nan):.1f} µs"
+                        if mode == "agent"
+                        else ""
+                    )
+                    log(
+                        f"  {wl.key} round {n + 1} {mode:8s} {r.conn_per_s:>9,.0f} conn/s, connect p50 {r.latency_p50_us:.0f} µs p99 {r.latency_p99_us:.0f} µs, "
+                        f"{r.failures + r.timeouts} failed, CPU {r.cpu['cores_busy']:.2f} cores{extra}"
+                    )
             summaries[wl.key] = summarize(wl, results, lab.bounds, config.accept_cache)
             for line in _lines(wl.key, summaries[wl.key]):
                 log(line)
@@ -963,13 +1033,32 @@ def run_lab_bench(
     w1, w2 = summaries["workload1"], summaries["workload2"]
     if as_json:
         doc = {
-            **{k: w1[k] for k in ("conn_per_s_agent", "conn_per_s_baseline", "ratio", "verdict_p50_us", "verdict_p99_us", "accept_cache", "userspace_fraction")},
+            **{
+                k: w1[k]
+                for k in (
+                    "conn_per_s_agent",
+                    "conn_per_s_baseline",
+                    "ratio",
+                    "verdict_p50_us",
+                    "verdict_p99_us",
+                    "accept_cache",
+                    "userspace_fraction",
+                )
+            },
             "workload1": w1,
             "workload2": w2,
             "config": {
-                "seconds": config.seconds, "rounds": config.rounds, "warmup": config.warmup, "synthetic_pods": config.pods,
-                "network_policies": config.policies, "filler_policies": config.filler_policies, "concurrency": config.concurrency,
-                "queues": config.queues, "server_threads": config.server_threads, "cpus": os.cpu_count(), "accept_cache": config.accept_cache,
+                "seconds": config.seconds,
+                "rounds": config.rounds,
+                "warmup": config.warmup,
+                "synthetic_pods": config.pods,
+                "network_policies": config.policies,
+                "filler_policies": config.filler_policies,
+                "concurrency": config.concurrency,
+                "queues": config.queues,
+                "server_threads": config.server_threads,
+                "cpus": os.cpu_count(),
+                "accept_cache": config.accept_cache,
             },
         }
         print(json.dumps(doc, allow_nan=True), file=stream, flush=True)

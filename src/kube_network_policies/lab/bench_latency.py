@@ -29,7 +29,13 @@ SCENARIO: dict[str, Any] = {
         "namespaces": [{"name": "x", "labels": {"ns": "x"}}],
         "pods": [
             {"namespace": "x", "name": "client", "labels": {"app": "client"}, "ip": "10.244.1.10", "ports": []},
-            {"namespace": "x", "name": "server", "labels": {"app": "server"}, "ip": "10.244.1.11", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+            {
+                "namespace": "x",
+                "name": "server",
+                "labels": {"app": "server"},
+                "ip": "10.244.1.11",
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            },
         ],
     },
     "steps": [{"description": "serve", "probes": [{"protocol": "TCP", "port": 80, "default": "allow", "from": ["x/client"], "to": ["x/server"]}]}],
@@ -40,8 +46,16 @@ def _policy(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": "x"}, "spec": spec}
 
 
-KEEP_SELECTED = _policy("keep-selected", {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}, {"ports": [{"port": 81}]}]})
-ALLOW_CLIENT = _policy("allow-client", {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]})
+KEEP_SELECTED = _policy(
+    "keep-selected",
+    {
+        "podSelector": {"matchLabels": {"app": "server"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}, {"ports": [{"port": 81}]}],
+    },
+)
+ALLOW_CLIENT = _policy(
+    "allow-client", {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}
+)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -62,7 +76,7 @@ def run_latency(changes: int = 40, reselect: bool = False, as_json: bool = False
             if not reselect:
                 api.apply(KEEP_SELECTED)
             api.apply(ALLOW_CLIENT)
-            session._wait_written("apply the set-up")  # noqa: SLF001 - the lab's own barrier
+            session._wait_written("apply the set-up")
             results: dict[str, list[float]] = {"deny": [], "allow": []}
             for i in range(changes):
                 deny = i % 2 == 0
@@ -84,7 +98,7 @@ def run_latency(changes: int = 40, reselect: bool = False, as_json: bool = False
                         break
                     if sent - started > GIVE_UP_S:
                         raise RuntimeError(f"change {i} did not take effect within {GIVE_UP_S} s")
-                session._wait_written("settle")  # noqa: SLF001 - every agent applied it before the next change
+                session._wait_written("settle")
         finally:
             session.close()
     finally:

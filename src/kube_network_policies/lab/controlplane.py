@@ -62,7 +62,7 @@ def _openssl(*args: str, cwd: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         raise ControlPlaneError("the openssl command is needed to make the test certificates")
-    proc = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ControlPlaneError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()}")
 
@@ -246,13 +246,9 @@ class ControlPlane:
         bin_dir = Path(bin_dir)
         for name in ("etcd", "kube-apiserver"):
             if not os.access(bin_dir / name, os.X_OK):
-                raise ControlPlaneError(
-                    f"{bin_dir / name} is missing: build it with hack/controlplane/build.sh"
-                )
+                raise ControlPlaneError(f"{bin_dir / name} is missing: build it with hack/controlplane/build.sh")
         remove = workdir is None
-        work = (
-            Path(tempfile.mkdtemp(prefix="knp-controlplane-")) if workdir is None else Path(workdir)
-        )
+        work = Path(tempfile.mkdtemp(prefix="knp-controlplane-")) if workdir is None else Path(workdir)
         work.mkdir(parents=True, exist_ok=True)
         work = work.resolve()
         last_error: Exception | None = None
@@ -384,7 +380,7 @@ class ControlPlane:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=preexec,
+                preexec_fn=preexec,  # noqa: PLW1509 - only prctl(PR_SET_PDEATHSIG); no lock is taken
             )
 
     def _check_alive(self, name: str) -> None:
@@ -509,9 +505,7 @@ class ControlPlane:
         except ValueError:
             return status, text
 
-    def install_crds(
-        self, paths: Iterable[str | os.PathLike[str]], timeout: float = 60.0
-    ) -> list[str]:
+    def install_crds(self, paths: Iterable[str | os.PathLike[str]], timeout: float = 60.0) -> list[str]:
         """Create (or update) every CustomResourceDefinition in ``paths`` and wait until each
         is Established; returns their names. See :func:`install_crds`."""
         return install_crds(self, paths, timeout=timeout)
@@ -556,9 +550,7 @@ def _crd_rank(doc: dict[str, Any]) -> tuple[bool, bool, tuple[int, ...]]:
     return tested, annotations.get("policy.networking.k8s.io/channel") == "experimental", numbers
 
 
-def install_crds(
-    cp: ControlPlane, paths: Iterable[str | os.PathLike[str]], *, timeout: float = 60.0
-) -> list[str]:
+def install_crds(cp: ControlPlane, paths: Iterable[str | os.PathLike[str]], *, timeout: float = 60.0) -> list[str]:
     """Apply the CRDs found in ``paths`` (files, or directories of ``*.yaml``) through the REST
     API: POST, or on 409 replace the existing one; then wait for ``Established``. Files are
     read where they are, never copied."""
@@ -574,9 +566,8 @@ def install_crds(
                 break
             status, current = cp.request("GET", f"{CRD_API}/{name}")
             if status == 200:
-                doc = dict(doc, metadata=dict(doc["metadata"]))
-                doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                status, body = cp.request("PUT", f"{CRD_API}/{name}", doc)
+                replacement = dict(doc, metadata={**doc["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]})
+                status, body = cp.request("PUT", f"{CRD_API}/{name}", replacement)
         if status not in (200, 201):
             message = body.get("message") if isinstance(body, dict) else body
             raise ControlPlaneError(f"installing CRD {name}: HTTP {status}: {message}")
@@ -588,13 +579,9 @@ def install_crds(
             conditions: list[dict[str, Any]] = []
             if status == 200 and isinstance(body, dict):
                 conditions = (body.get("status") or {}).get("conditions") or []
-            if any(
-                c.get("type") == "Established" and c.get("status") == "True" for c in conditions
-            ):
+            if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
                 break
             if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"CRD {name} not Established after {timeout:.0f}s: {conditions}"
-                )
+                raise ControlPlaneError(f"CRD {name} not Established after {timeout:.0f}s: {conditions}")
             time.sleep(0.1)
     return names

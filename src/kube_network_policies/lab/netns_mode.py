@@ -83,8 +83,15 @@ class Agent:
     """One agent process in a node namespace."""
 
     def __init__(
-        self, topology: Topology, node: str, manifests: Path | None, flags: list[str], port: int, log_path: Path,
-        kubeconfig: Path | None = None, env: dict[str, str] | None = None,
+        self,
+        topology: Topology,
+        node: str,
+        manifests: Path | None,
+        flags: list[str],
+        port: int,
+        log_path: Path,
+        kubeconfig: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.node = node
         self.netns = topology.node_netns(node)
@@ -93,14 +100,24 @@ class Agent:
         src = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, **(env or {}), "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
         argv = [
-            shutil.which("ip") or "ip", "netns", "exec", self.netns,
-            sys.executable, "-m", "kube_network_policies", "run",
+            shutil.which("ip") or "ip",
+            "netns",
+            "exec",
+            self.netns,
+            sys.executable,
+            "-m",
+            "kube_network_policies",
+            "run",
             *(["--manifests", str(manifests)] if manifests is not None else ["--kubeconfig", str(kubeconfig)]),
-            "--hostname-override", node,
+            "--hostname-override",
+            node,
             # Loopback of the node namespace, so the lab's tools may see every detail.
-            "-metrics-bind-address", f"127.0.0.1:{port}", "-status-details", *flags,
+            "-metrics-bind-address",
+            f"127.0.0.1:{port}",
+            "-status-details",
+            *flags,
         ]
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - the agent writes it for its whole life; stop() closes it
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def status(self) -> dict[str, Any] | None:
@@ -229,7 +246,7 @@ class LabSession:
                 owners.append(pair)
         results = self.prober.probe(requests) if requests else []
         per_pair: dict[Pair, list[bool]] = {}
-        for pair, ok in zip(owners, results):
+        for pair, ok in zip(owners, results, strict=True):
             per_pair.setdefault(pair, []).append(ok)
         return {pair: combine_families(per_pair.get(pair, [])) for pair in pairs}
 

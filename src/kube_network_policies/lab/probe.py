@@ -127,7 +127,7 @@ def parse_sctp_init(packet: bytes) -> tuple[int, int, int] | None:
     """(source port, destination port, initiate tag) of a valid SCTP INIT packet, else None."""
     if len(packet) < 32:
         return None
-    sport, dport, vtag, checksum = struct.unpack_from("!HHII", packet)
+    sport, dport, vtag, _checksum = struct.unpack_from("!HHII", packet)
     ctype, _, clen, tag = struct.unpack_from("!BBHI", packet, 12)
     if ctype != SCTP_INIT or vtag != 0 or clen < 20:
         return None
@@ -190,7 +190,6 @@ def _errname(err: int) -> str:
         errno.EPERM: "not permitted",
         errno.EACCES: "not permitted",
     }.get(err, errno.errorcode.get(err, str(err)).lower())
-
 
 
 def _protocol(value: str) -> Literal["TCP", "UDP", "SCTP"]:
@@ -372,7 +371,9 @@ class _ServerLoop(threading.Thread):
                 dst = socket.inet_ntop(socket.AF_INET, data[16:20])
                 data = data[(data[0] & 0x0F) * 4 :]
             else:
-                dst = next((socket.inet_ntop(socket.AF_INET6, v[:16]) for lv, k, v in anc if lv == socket.IPPROTO_IPV6 and k == socket.IPV6_PKTINFO), "")
+                dst = next(
+                    (socket.inet_ntop(socket.AF_INET6, v[:16]) for lv, k, v in anc if lv == socket.IPPROTO_IPV6 and k == socket.IPV6_PKTINFO), ""
+                )
             parsed = parse_sctp_init(data)
             if parsed is not None:
                 self._on_sctp_init(listener.netns, dst, parsed[1], parsed[2])
@@ -490,7 +491,9 @@ class Prober:
                     if protocol == "SCTP":
                         continue
                     for family in (socket.AF_INET, socket.AF_INET6):
-                        created.append((_server_socket(protocol, family, port, netns), _Listener("tcp" if protocol == "TCP" else "udp", netns, family)))
+                        created.append(
+                            (_server_socket(protocol, family, port, netns), _Listener("tcp" if protocol == "TCP" else "udp", netns, family))
+                        )
                 if any(p == "SCTP" for p, _ in new) and netns not in self._sctp_sockets:
                     for family in (socket.AF_INET, socket.AF_INET6):
                         raw = socket.socket(family, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, IPPROTO_SCTP)

@@ -257,7 +257,7 @@ def run_paths(paths: Iterable[str], mode: Mode, out: TextIO = sys.stdout, verbos
         names[scenario.name] = str(path)
         try:
             result = run_scenario(scenario, mode)
-        except Exception as exc:  # a mode failure must not end the run: count it and go on
+        except Exception as exc:  # noqa: BLE001 - a mode failure must not end the run: count it and go on
             print(f"ERROR {scenario.name} ({path}): {mode.name} mode failed: {type(exc).__name__}: {exc}", file=out)
             failed += 1
             continue

@@ -44,7 +44,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 
@@ -137,7 +137,7 @@ def run_batches(batches: Sequence[tuple[str | None, Sequence[str]]], force: bool
     CommandError naming the namespace, the failing batch line and ip's message."""
     started = [(netns, lines, *_start_batch(netns, lines, force)) for netns, lines in batches if lines]
     errors: list[CommandError] = []
-    for netns, lines, argv, proc in started:
+    for _netns, lines, argv, proc in started:
         _, err = proc.communicate("".join(line + "\n" for line in lines).encode())
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip()
@@ -378,8 +378,8 @@ class Topology:
                     raise TopologyError(f"pod {key} has no IP address")
             pod_list.append(PodConfig(key, node, pod_ips, bool(host_network)))
         ext: list[str] = []
-        for ip in external_ips:
-            ip = _canonical(ip, "external IP")
+        for raw_ip in external_ips:
+            ip = _canonical(raw_ip, "external IP")
             if ip not in owner and ip not in ext:  # a node's or pod's own address needs no host
                 ext.append(ip)
         return tuple(node_list), tuple(pod_list), tuple(ext)
@@ -442,7 +442,11 @@ class Topology:
             lines = ["link set lo up", "link set eth0 up"]
             lines += [_addr(ip, "eth0") for ip in p.ips]
             if any(_family(ip) == 4 for ip in p.ips):
-                lines += [f"route add {GATEWAY4}/32 dev eth0 scope link", f"route add default via {GATEWAY4} dev eth0", _neigh(GATEWAY4, node_side.mac, "eth0")]
+                lines += [
+                    f"route add {GATEWAY4}/32 dev eth0 scope link",
+                    f"route add default via {GATEWAY4} dev eth0",
+                    _neigh(GATEWAY4, node_side.mac, "eth0"),
+                ]
             if any(_family(ip) == 6 for ip in p.ips):
                 lines += [f"route add ::/0 via {GATEWAY6} dev eth0", _neigh(GATEWAY6, node_side.mac, "eth0")]
             batches.append((pod_side.netns, lines))
@@ -550,7 +554,7 @@ class Topology:
         CommandError if check and it fails."""
         cmd = [_ip_binary(), "netns", "exec", netns, *argv]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise CommandError(" ".join(["ip", *cmd[1:]]), -1, str(exc)) from None
         if check and proc.returncode != 0:
@@ -575,7 +579,7 @@ class Topology:
         for callback in reversed(self._closers):
             try:
                 callback()
-            except Exception as exc:  # keep tearing down
+            except Exception as exc:  # noqa: BLE001 - keep tearing down
                 problems.append(f"{type(exc).__name__}: {exc}")
         self._closers.clear()
         try:

@@ -112,7 +112,12 @@ def _serve(path: str, ready_fd: int, state: dict[str, Any]) -> None:
     try:
         scenario = load_scenario(Path(path))
         # Every feature on: the user decides which policies to apply.
-        scenario = type(scenario)(**{**{f: getattr(scenario, f) for f in scenario.__dataclass_fields__}, "requires": ("admin-network-policy", "baseline-admin-network-policy", "cluster-network-policy")})
+        scenario = type(scenario)(
+            **{
+                **{f: getattr(scenario, f) for f in scenario.__dataclass_fields__},
+                "requires": ("admin-network-policy", "baseline-admin-network-policy", "cluster-network-policy"),
+            }
+        )
         mode = ApiLabMode()
         session = mode.open(ScenarioCluster(scenario))
         assert session.topology is not None

@@ -22,7 +22,7 @@ from kube_network_policies.model.selectors import MATCH_ALL, LabelSelector, pars
 
 ALLOW = "Allow"  # v1alpha2 calls it Accept; both parse to ALLOW, `action_name` keeps the spelling
 DENY = "Deny"
-PASS = "Pass"
+PASS = "Pass"  # noqa: S105 (an action, not a password)
 
 ADMIN_TIER = "Admin"
 BASELINE_TIER = "Baseline"

@@ -72,14 +72,28 @@ class Node:
 
 OBJECT_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 METADATA_FIELDS = (
-    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
-    "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations", "ownerReferences", "finalizers", "managedFields",
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
 )
 MAX_SHOWN_NAME = 260  # a valid name (<= 253) is shown whole
 
 
-def metadata(fields: Fields, obj: Mapping[str, Any], *, namespaced: bool, name_rule: str = "subdomain",
-             top: tuple[str, ...] = OBJECT_FIELDS) -> tuple[str, str, dict[str, str]]:
+def metadata(
+    fields: Fields, obj: Mapping[str, Any], *, namespaced: bool, name_rule: str = "subdomain", top: tuple[str, ...] = OBJECT_FIELDS
+) -> tuple[str, str, dict[str, str]]:
     """(namespace, name, labels) of an object. `name_rule` is how the API server validates the
     kind's names: "subdomain" (most kinds) or "label" (Namespaces)."""
     fields.unknown(obj, "", top)

@@ -124,7 +124,7 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(p, f"must be an integer, got {_type_name(value)} {shown(value)}")
             return None
-        if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             self.error(p, f"must be between {minimum} and {maximum}, got {shown(value)}")
             return None
         return value

@@ -31,8 +31,9 @@ def dns_label_problem(value: str) -> str | None:
     if len(value) > DNS_LABEL_MAX:
         return f"must be no more than {DNS_LABEL_MAX} characters, got {len(value)}"
     if not _DNS_LABEL.fullmatch(value):
-        return (f"invalid name {shown(value)}: a DNS-1123 label consists of lowercase letters, digits and '-', "
-                "and starts and ends with a letter or digit")
+        return (
+            f"invalid name {shown(value)}: a DNS-1123 label consists of lowercase letters, digits and '-', and starts and ends with a letter or digit"
+        )
     return None
 
 
@@ -42,8 +43,10 @@ def dns_subdomain_problem(value: str) -> str | None:
     if len(value) > DNS_SUBDOMAIN_MAX:
         return f"must be no more than {DNS_SUBDOMAIN_MAX} characters, got {len(value)}"
     if not _DNS_SUBDOMAIN.fullmatch(value):
-        return (f"invalid name {shown(value)}: a DNS-1123 subdomain consists of lowercase letters, digits, '-' and '.', "
-                "and starts and ends with a letter or digit")
+        return (
+            f"invalid name {shown(value)}: a DNS-1123 subdomain consists of lowercase letters, digits, '-' and '.', "
+            "and starts and ends with a letter or digit"
+        )
     return None
 
 
@@ -65,8 +68,7 @@ def label_key_problem(key: str) -> str | None:
     if len(name) > NAME_MAX:
         return f"invalid label key {shown(key)}: the name must be no more than {NAME_MAX} characters"
     if not _QUALIFIED_NAME.fullmatch(name):
-        return (f"invalid label key {shown(key)}: the name consists of letters, digits, '-', '_' and '.', "
-                "and starts and ends with a letter or digit")
+        return f"invalid label key {shown(key)}: the name consists of letters, digits, '-', '_' and '.', and starts and ends with a letter or digit"
     return None
 
 
@@ -77,8 +79,7 @@ def label_value_problem(value: str) -> str | None:
     if len(value) > NAME_MAX:
         return f"invalid label value {shown(value)}: must be no more than {NAME_MAX} characters"
     if not _QUALIFIED_NAME.fullmatch(value):
-        return (f"invalid label value {shown(value)}: letters, digits, '-', '_' and '.', "
-                "starting and ending with a letter or digit (or empty)")
+        return f"invalid label value {shown(value)}: letters, digits, '-', '_' and '.', starting and ending with a letter or digit (or empty)"
     return None
 
 

@@ -100,10 +100,9 @@ def parse_network_policy(obj: Mapping[str, Any], *, strict: bool = False) -> Net
 def _rules(f: Fields, spec: Mapping[str, Any], key: str, peers_key: str) -> tuple[NetworkPolicyRule, ...]:
     raw = f.sequence(spec, key, "spec") or []
     rules = []
-    for i, r in enumerate(raw):
+    for i, item in enumerate(raw):
         path = f"spec.{key}[{i}]"
-        if r is None:
-            r = {}
+        r = {} if item is None else item
         if not isinstance(r, Mapping):
             f.error(path, "must be an object")
             continue
@@ -111,12 +110,10 @@ def _rules(f: Fields, spec: Mapping[str, Any], key: str, peers_key: str) -> tupl
             if k not in (peers_key, "ports"):
                 f.error(Fields.key(path, k), f"unknown field (expected {peers_key} or ports)")
         peers = tuple(
-            p for j, raw_peer in enumerate(f.sequence(r, peers_key, path) or [])
-            if (p := _peer(f, raw_peer, f"{path}.{peers_key}[{j}]")) is not None
+            p for j, raw_peer in enumerate(f.sequence(r, peers_key, path) or []) if (p := _peer(f, raw_peer, f"{path}.{peers_key}[{j}]")) is not None
         )
         ports = tuple(
-            port for j, raw_port in enumerate(f.sequence(r, "ports", path) or [])
-            if (port := _port(f, raw_port, f"{path}.ports[{j}]")) is not None
+            port for j, raw_port in enumerate(f.sequence(r, "ports", path) or []) if (port := _port(f, raw_port, f"{path}.ports[{j}]")) is not None
         )
         rules.append(NetworkPolicyRule(peers, ports))
     return tuple(rules)

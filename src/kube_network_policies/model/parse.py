@@ -47,7 +47,9 @@ def parse_object(obj: object, *, strict: bool = False) -> ApiObject:
         raise ValidationError(object_subject("object", obj), [FieldError("kind", "required field is missing")])
     entry = PARSERS.get(kind)
     if entry is None:
-        raise ValidationError(object_subject(shown(kind, quote=False), obj), [FieldError("kind", f"unsupported kind {shown(kind)} (supported: {', '.join(PARSERS)})")])
+        raise ValidationError(
+            object_subject(shown(kind, quote=False), obj), [FieldError("kind", f"unsupported kind {shown(kind)} (supported: {', '.join(PARSERS)})")]
+        )
     versions, parser = entry
     api_version = obj.get("apiVersion")
     if api_version not in versions:

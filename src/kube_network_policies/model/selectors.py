@@ -28,7 +28,7 @@ class LabelSet:
     items: frozenset[tuple[str, str]]
     keys: frozenset[str]
 
-    def __new__(cls, labels: Mapping[str, str] | None = None) -> LabelSet:  # noqa: PYI034 - interned: the cached instance
+    def __new__(cls, labels: Mapping[str, str] | None = None) -> LabelSet:
         items = frozenset((labels or {}).items())
         cached = _INTERNED.get(items)
         if cached is not None:
@@ -117,7 +117,7 @@ class LabelSelector:
     def matches(self, labels: LabelSet) -> bool:
         if not self.required <= labels.items:
             return False
-        for r in self.requirements:
+        for r in self.requirements:  # noqa: SIM110 - a plain loop is cheaper than all() here
             if not r.matches(labels):
                 return False
         return True

@@ -56,7 +56,9 @@ class _Unanswered(Exception):
     """The API did not give an answer we can act on."""
 
 
-def exit_decision(config: ApiConfig, namespace: str | None, pod: str | None, node: str, *, transport: httpx.BaseTransport | None = None) -> ExitDecision:
+def exit_decision(
+    config: ApiConfig, namespace: str | None, pod: str | None, node: str, *, transport: httpx.BaseTransport | None = None
+) -> ExitDecision:
     """Keep the ruleset unless the API shows that no agent will run on `node` again."""
     if not namespace or not pod:
         return ExitDecision(True, f"POD_NAMESPACE and POD_NAME are not set, so the agent cannot tell a restart from an uninstall; {CLEANUP_HINT}")

@@ -410,8 +410,16 @@ class ManifestSource:
         return None
 
     def status(self) -> dict[str, object]:
-        return {"manifests": {"synced": self._opened, "digest": self.digest, "objects": len(self.objects), "paths": self.paths,
-                              "files": len(self._cache), "error": self.error}}
+        return {
+            "manifests": {
+                "synced": self._opened,
+                "digest": self.digest,
+                "objects": len(self.objects),
+                "paths": self.paths,
+                "files": len(self._cache),
+                "error": self.error,
+            }
+        }
 
     def problems(self) -> dict[str, str]:
         """A refused change: the files are not what is enforced."""

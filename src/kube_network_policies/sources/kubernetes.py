@@ -214,7 +214,6 @@ class TokenFileAuth(_RefreshingTokenAuth):
             return self._token
 
 
-
 class ExecAuth(_RefreshingTokenAuth):
     """A client-go credential plugin (kubeconfig `user.exec`): runs the command, uses the token
     it prints until its expirationTimestamp, and runs it again after a 401."""
@@ -253,20 +252,26 @@ class ExecAuth(_RefreshingTokenAuth):
 
     def _run(self) -> tuple[str, float | None]:
         env = dict(os.environ, **self.env)
-        env["KUBERNETES_EXEC_INFO"] = json.dumps(
-            {"apiVersion": self.api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
-        )
+        env["KUBERNETES_EXEC_INFO"] = json.dumps({"apiVersion": self.api_version, "kind": "ExecCredential", "spec": {"interactive": False}})
         try:
             proc = subprocess.run(self.argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ApiError(401, "ExecPluginFailed", f"{self.where}: running {self.argv[0]}: {exc}") from None
         if proc.returncode != 0:
-            raise ApiError(401, "ExecPluginFailed", f"{self.where}: {self.argv[0]} exited with {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[:500]}")
+            raise ApiError(
+                401,
+                "ExecPluginFailed",
+                f"{self.where}: {self.argv[0]} exited with {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[:500]}",
+            )
         try:
             status = json.loads(proc.stdout)["status"]
             token = status["token"]
         except (ValueError, KeyError, TypeError):
-            raise ApiError(401, "ExecPluginFailed", f"{self.where}: {self.argv[0]} did not print an ExecCredential with status.token (client certificates from exec plugins are not supported)") from None
+            raise ApiError(
+                401,
+                "ExecPluginFailed",
+                f"{self.where}: {self.argv[0]} did not print an ExecCredential with status.token (client certificates from exec plugins are not supported)",
+            ) from None
         expires: float | None = None
         stamp = status.get("expirationTimestamp")
         if isinstance(stamp, str) and stamp:
@@ -276,7 +281,6 @@ class ExecAuth(_RefreshingTokenAuth):
             except ValueError:
                 log.warning("%s: ignoring the unreadable expirationTimestamp %r", self.where, stamp)
         return str(token), expires
-
 
 
 def _b64(value: object, what: str) -> bytes:
@@ -393,7 +397,9 @@ def kubeconfig_config(path: str | os.PathLike[str], context: str | None = None) 
     ssl_ctx: ssl.SSLContext | None = None
     if server.startswith("https://"):
         ca_file = file(cluster["certificate-authority"], "certificate-authority") if cluster.get("certificate-authority") else None
-        ca_data = _b64(cluster["certificate-authority-data"], f"{where}: certificate-authority-data") if cluster.get("certificate-authority-data") else None
+        ca_data = (
+            _b64(cluster["certificate-authority-data"], f"{where}: certificate-authority-data") if cluster.get("certificate-authority-data") else None
+        )
         ssl_ctx = _ssl_context(ca_file, ca_data, bool(cluster.get("insecure-skip-tls-verify")), where)
 
     user_name = ctx_spec.get("user")
@@ -481,11 +487,15 @@ NAMESPACES = Resource("Namespace", "", "v1", "namespaces")
 NODES = Resource("Node", "", "v1", "nodes")
 NETWORK_POLICIES = Resource("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies")
 ADMIN_NETWORK_POLICIES = Resource("AdminNetworkPolicy", POLICY_GROUP, "v1alpha1", "adminnetworkpolicies", "admin-network-policy")
-BASELINE_ADMIN_NETWORK_POLICIES = Resource("BaselineAdminNetworkPolicy", POLICY_GROUP, "v1alpha1", "baselineadminnetworkpolicies", "baseline-admin-network-policy")
+BASELINE_ADMIN_NETWORK_POLICIES = Resource(
+    "BaselineAdminNetworkPolicy", POLICY_GROUP, "v1alpha1", "baselineadminnetworkpolicies", "baseline-admin-network-policy"
+)
 CLUSTER_NETWORK_POLICIES = Resource("ClusterNetworkPolicy", POLICY_GROUP, "v1alpha2", "clusternetworkpolicies", "cluster-network-policy")
 
 
-def resources_for(admin_network_policy: bool = False, baseline_admin_network_policy: bool = False, cluster_network_policy: bool = False) -> list[Resource]:
+def resources_for(
+    admin_network_policy: bool = False, baseline_admin_network_policy: bool = False, cluster_network_policy: bool = False
+) -> list[Resource]:
     out = [NAMESPACES, NODES, PODS, NETWORK_POLICIES]
     if admin_network_policy:
         out.append(ADMIN_NETWORK_POLICIES)
@@ -701,7 +711,9 @@ class Codec:
             parsed: ApiObject = PARSERS[r.kind][1](obj)
         except ValidationError as exc:
             name, ns = meta.get("name"), meta.get("namespace")
-            key = (r.kind, (ns if isinstance(ns, str) and ns else "default") if r.namespaced else "", name) if isinstance(name, str) and name else None
+            key = (
+                (r.kind, (ns if isinstance(ns, str) and ns else "default") if r.namespaced else "", name) if isinstance(name, str) and name else None
+            )
             return key, None, rv, exc
         return object_key(parsed), parsed, rv, None
 
@@ -966,7 +978,7 @@ class Informer:
                 self.counters["errors"] += 1
                 self.last_error = error
                 failures = self._failures[0] + self._failures[1]
-                if level == logging.WARNING and 3 <= failures and failures % 10:
+                if level == logging.WARNING and failures >= 3 and failures % 10:
                     level = logging.DEBUG  # a long outage: the first failures, then every tenth
                 log.log(level, "%s: %s; retrying in %.1f s%s", name, error, delay, "" if self.synced else " (not synced yet)")
                 self._stop.wait(delay)
@@ -1062,10 +1074,23 @@ class Informer:
         self.last_error = None
         self.counters["lists"] += 1
         elapsed = time.perf_counter() - started
-        self.last_list = {"seconds": round(elapsed, 4), "decodeSeconds": round(decode_s, 4), "pages": pages, "objects": len(snapshot), "changes": len(changes)}
+        self.last_list = {
+            "seconds": round(elapsed, 4),
+            "decodeSeconds": round(decode_s, 4),
+            "pages": pages,
+            "objects": len(snapshot),
+            "changes": len(changes),
+        }
         log.info(
             "%s: %s %d objects in %d pages, %.0f ms (decoding %.0f ms), %d changes, resourceVersion %s",
-            r.name, "listed" if first else "listed again", len(snapshot), pages, elapsed * 1000, decode_s * 1000, len(changes), rv,
+            r.name,
+            "listed" if first else "listed again",
+            len(snapshot),
+            pages,
+            elapsed * 1000,
+            decode_s * 1000,
+            len(changes),
+            rv,
         )
 
     def _invalid(self, error: ValidationError, key: Key | None) -> None:
