@@ -31,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.model import parse_object
 from kube_network_policies.sources.base import Change
@@ -50,6 +51,7 @@ from kube_network_policies.sources.kubernetes import (
     Resource,
     kubeconfig_config,
 )
+from skips import require_root
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = [NAMESPACES, NODES, PODS, NETWORK_POLICIES, ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES]
@@ -754,26 +756,6 @@ def network_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-@contextlib.contextmanager
-def entered(netns: str) -> Iterator[None]:
-    """This thread in `netns` for the block (sockets made here stay in it)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            libc.setns(back, 0x40000000)
-    finally:
-        os.close(back)
-        os.close(target)
-
-
 def http_get(netns: str, port: int, path: str) -> tuple[int, str]:
     """GET http://127.0.0.1:port/path as seen from inside `netns`; (0, error) if unreachable."""
     with entered(netns):
@@ -792,13 +774,7 @@ def http_get(netns: str, port: int, path: str) -> tuple[int, str]:
 
 
 def test_agent_in_kubernetes_mode_is_ready_only_after_every_source_synced(controlplane: ControlPlane, tmp_path: Path) -> None:
-    import shutil
-
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
-        reason = "needs root, ip and nft: the agent installs nftables rules in a network namespace"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_root("ip", "nft", why="the agent installs nftables rules in a network namespace")
     cp = controlplane
     node = unique("knp-agent-node")
     ns = unique("knp-agent")

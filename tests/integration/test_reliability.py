@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import shutil
 import signal
 import tempfile
 import threading
@@ -30,16 +28,13 @@ from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.lab.netns_mode import Agent
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.topology import Topology
+from skips import require_root
 
 METRICS_PORT = 19180
 
 
 def need_root() -> None:
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
-        reason = "needs root, ip and nft: the agent installs nftables rules in a network namespace"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_root("ip", "nft", why="the agent installs nftables rules in a network namespace")
 
 
 # ---- API helpers -----------------------------------------------------------------------------
