@@ -48,6 +48,7 @@ from kube_network_policies.dataplane.ruleset import DataplaneError, Ruleset, det
 from kube_network_policies.dataplane.worker import WorkerConfig, worker_main
 from kube_network_policies.endpoints import MetricsServer
 from kube_network_policies.engine import ClusterState, Features
+from kube_network_policies.errors import KnpError
 from kube_network_policies.metrics import Metrics
 from kube_network_policies.model import ApiObject
 from kube_network_policies.sources.base import Batch, Change, Source, SourceError
@@ -92,7 +93,7 @@ _PUBLIC_SOURCE_STATUS = frozenset(
 )
 
 
-class AgentError(Exception):
+class AgentError(KnpError):
     """A start-up problem the user must fix (bad files, no queue, no nftables): exit status 2."""
 
 

@@ -379,5 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if os.environ.get("KNP_DEBUG"):
             raise
+        from kube_network_policies.errors import InputError, KnpError
+
+        if isinstance(exc, KnpError):  # ours, with a message for the user: not a bug
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(exc, InputError) else 1
         print(f"internal error: {type(exc).__name__}: {exc} (set KNP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1

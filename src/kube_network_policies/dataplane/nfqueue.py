@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple
 
+from kube_network_policies.errors import KnpError
+
 __all__ = [
     "ACCEPT",
     "ACCEPT_JUDGED",
@@ -146,7 +148,7 @@ _unpack_error = struct.Struct("=i4xHHI").unpack_from  # error, then the request'
 _pack_be32 = struct.Struct("!I").pack
 
 
-class NfQueueError(OSError):
+class NfQueueError(KnpError, OSError):
     """The queue could not be set up or the socket failed; the message says what to do."""
 
 

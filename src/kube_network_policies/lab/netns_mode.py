@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from kube_network_policies.dataplane.netns import entered
+from kube_network_policies.errors import KnpError
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.runner import (
     Observation,
@@ -48,7 +49,7 @@ FEATURE_FLAGS = {
 }
 
 
-class LabError(Exception):
+class LabError(KnpError):
     """The lab could not be set up or an agent misbehaved; the message says which and why."""
 
 

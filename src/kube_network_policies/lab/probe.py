@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kube_network_policies.dataplane.netns import entered, netns_path
+from kube_network_policies.errors import KnpError
 from kube_network_policies.lab.topology import Topology, TopologyError, exit_on_sigterm
 
 DEFAULT_TIMEOUT = 1.0
@@ -64,7 +65,7 @@ LISTEN_BACKLOG = 4096
 ProbeRequest = tuple[str, str, str, str, int]  # (client netns, client ip, server ip, protocol, port)
 
 
-class ProbeError(Exception):
+class ProbeError(KnpError):
     """A probe or server cannot be set up (unknown namespace, address not in the namespace...)."""
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 
 from kube_network_policies.dataplane.netns import NETNS_DIR, entered, netns_path
+from kube_network_policies.errors import KnpError
 
 PREFIX_ROOT = "knp"
 GATEWAY4 = "169.254.1.1"  # the pods' default gateway; never assigned, only a permanent neighbour
@@ -58,7 +59,7 @@ FABRIC_NETNS = "fabric"
 _run_counter = itertools.count()
 
 
-class TopologyError(Exception):
+class TopologyError(KnpError):
     """The topology cannot be built or torn down; the message says why."""
 
 
