@@ -25,7 +25,7 @@ import pytest
 
 from kube_network_policies.lab.apiproxy import ApiProxy
 from kube_network_policies.lab.controlplane import ControlPlane
-from kube_network_policies.lab.netns_mode import Agent
+from kube_network_policies.lab.netns_mode import AgentProcess
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.topology import Topology
 from skips import require_root
@@ -161,8 +161,8 @@ def lab(cp: ControlPlane, pods: list[tuple[str, str, list[str], bool]]) -> Itera
         topo.close()
 
 
-def start_agent(topo: Topology, node: str, cp: ControlPlane, log: Path, flags: list[str]) -> Agent:
-    return Agent(topo, node, None, flags, METRICS_PORT, log, kubeconfig=cp.kubeconfig_path)
+def start_agent(topo: Topology, node: str, cp: ControlPlane, log: Path, flags: list[str]) -> AgentProcess:
+    return AgentProcess(topo, node, None, flags, METRICS_PORT, log, kubeconfig=cp.kubeconfig_path)
 
 
 def applied_rv(status: dict[str, Any] | None, plural: str) -> int:
@@ -175,7 +175,7 @@ def applied_rv(status: dict[str, Any] | None, plural: str) -> int:
     return -1
 
 
-def wait_for(agent: Agent, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
+def wait_for(agent: AgentProcess, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         assert agent.process.poll() is None, f"the agent exited ({agent.process.returncode}) waiting for {what}:\n{agent.log_tail(40)}"

@@ -76,3 +76,14 @@ def test_imports_flow_one_way(path: Path) -> None:
         return
     wrong = imported_parts(path) - LAYERS[part] - {part}
     assert not wrong, f"{path.relative_to(PACKAGE)} ({part}) imports {sorted(wrong)}, which may not be imported from {part}"
+
+
+def test_public_class_names_are_unique() -> None:
+    """Two public classes with one name (an Agent here and another there) make every import,
+    log line and traceback ambiguous."""
+    where: dict[str, list[str]] = {}
+    for path in modules():
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in where.items() if len(paths) > 1} == {}
