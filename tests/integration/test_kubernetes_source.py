@@ -31,6 +31,7 @@ import httpx
 import pytest
 import yaml
 
+import builders  # tests/builders.py
 from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.model import parse_object
@@ -82,7 +83,7 @@ def unique(prefix: str) -> str:
 
 
 def make_namespace(cp: ControlPlane, name: str, **labels: str) -> None:
-    ok(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    ok(cp, "POST", "/api/v1/namespaces", builders.namespace(name, labels))
 
 
 def delete_namespace(cp: ControlPlane, name: str) -> None:
@@ -94,22 +95,14 @@ def delete_namespace(cp: ControlPlane, name: str) -> None:
 
 
 def make_pod(cp: ControlPlane, ns: str, name: str, ip: str | None = None, node: str = "node-a", **labels: str) -> None:
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-    }
+    pod = builders.pod(None, name, node=node, labels=labels, image=builders.PAUSE_IMAGE, ports=[{"name": "http", "containerPort": 8080}], phase=None)
     ok(cp, "POST", f"/api/v1/namespaces/{ns}/pods", pod)
     if ip:
         set_pod_ip(cp, ns, name, ip)
 
 
 def set_pod_ip(cp: ControlPlane, ns: str, name: str, ip: str) -> None:
-    merge(cp, f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+    merge(cp, f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": builders.pod_status(ip)})
 
 
 def delete_pod(cp: ControlPlane, ns: str, name: str) -> None:
@@ -118,12 +111,9 @@ def delete_pod(cp: ControlPlane, ns: str, name: str) -> None:
 
 
 def network_policy(name: str, app: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]},
-    }
+    return builders.network_policy(
+        None, name, {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]}
+    )
 
 
 def make_np(cp: ControlPlane, ns: str, name: str, app: str = "web") -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+import builders  # tests/builders.py
 from kube_network_policies.lab.apiproxy import ApiProxy
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.lab.netns_mode import AgentProcess
@@ -51,7 +52,7 @@ def unique(prefix: str) -> str:
 
 
 def make_namespace(cp: ControlPlane, name: str) -> None:
-    ok(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    ok(cp, "POST", "/api/v1/namespaces", builders.namespace(name))
 
 
 def delete_namespace(cp: ControlPlane, name: str) -> None:
@@ -67,19 +68,12 @@ def delete_namespace(cp: ControlPlane, name: str) -> None:
 
 
 def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-    }
+    """A pod as created through the API (its status comes later, as a kubelet's would)."""
+    return builders.pod(None, name, node=node, labels=labels, image=builders.PAUSE_IMAGE, ports=[{"name": "http", "containerPort": 8080}], phase=None)
 
 
 def pod_status(ip: str) -> dict[str, Any]:
-    return {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    return {"status": builders.pod_status(ip)}
 
 
 def create_client_and_server(cp: ControlPlane, ns: str, node: str, client_ip: str, server_ip: str) -> str:
@@ -94,12 +88,7 @@ def create_client_and_server(cp: ControlPlane, ns: str, node: str, client_ip: st
 
 def network_policy(name: str, match: dict[str, str], allow_all: bool = False) -> dict[str, Any]:
     ingress = [{}] if allow_all else [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"], "ingress": ingress},
-    }
+    return builders.network_policy(None, name, {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"], "ingress": ingress})
 
 
 class FastApi:
