@@ -69,12 +69,9 @@ __all__ = [
 
 NETLINK_NETFILTER: Final = 12
 SOL_NETLINK: Final = 270
-NETLINK_NO_ENOBUFS: Final = 5
 SO_RCVBUFFORCE: Final = 33
 
-NLMSG_NOOP: Final = 1
 NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
 NLM_F_REQUEST: Final = 0x1
 NLM_F_ACK: Final = 0x4
 

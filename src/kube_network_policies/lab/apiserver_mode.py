@@ -54,7 +54,6 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "BaselineAdminNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha1", "baselineadminnetworkpolicies", False),
     "ClusterNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha2", "clusternetworkpolicies", False),
 }
-POLICY_KINDS = ("NetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy")
 
 
 def crds_dir() -> Path:

@@ -276,11 +276,10 @@ class MetricsSnapshot:
     accepted: int
     dropped: int
     errors: int
-    control_cpu_s: float
 
 
 def parse_metrics(text: str) -> MetricsSnapshot:
-    snap = MetricsSnapshot({}, 0, 0.0, {}, 0, 0, 0, 0.0)
+    snap = MetricsSnapshot({}, 0, 0.0, {}, 0, 0, 0)
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -306,8 +305,6 @@ def parse_metrics(text: str) -> MetricsSnapshot:
                 snap.accepted += int(value)
         elif name == METRIC + "packet_errors_total":
             snap.errors += int(value)
-        elif name == "process_cpu_seconds_total":
-            snap.control_cpu_s = value
     return snap
 
 

@@ -443,7 +443,6 @@ class Prober:
     def __init__(self, topology: Topology | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         _raise_nofile()
         self.timeout = timeout
-        self._topology = topology
         self._ns_fds: dict[str, int] = {}
         self._served: dict[str, set[tuple[str, int]]] = {}
         self._sctp_ports: dict[str, frozenset[int]] = {}  # replaced whole: read by the server thread
