@@ -33,11 +33,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # Only what the package build needs (see .dockerignore); README.md is the package's readme.
+# The package without its lab/ subpackage (.dockerignore leaves it out): the lab is the scenario
+# runner, the benchmarks and the test control plane, which the agent never imports (only the CLI's
+# `lab` and `bench` commands do, and they say that the lab is not installed), and which needs
+# tools this image does not have (ip, conntrack, gcc, Go). Less code in an image that runs as
+# root with CAP_NET_ADMIN on every node. The build checks both: the agent imports, the lab does not.
 WORKDIR /usr/src/kube-network-policies
 COPY pyproject.toml README.md ./
 COPY src/ ./src/
 RUN pip install --no-cache-dir . \
-    && kube-network-policies --help > /dev/null
+    && kube-network-policies --help > /dev/null \
+    && python -c "import kube_network_policies.agent, kube_network_policies.explain" \
+    && ! python -c "import kube_network_policies.lab" 2> /dev/null
 
 # No USER: the agent runs as root inside the container. Kubernetes gives added capabilities
 # (NET_ADMIN) only to root; a non-root process would need file capabilities on python3, nft

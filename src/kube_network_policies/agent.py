@@ -42,11 +42,14 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from kube_network_policies.dataplane.monitor import MonitorError, NftMonitor
+from kube_network_policies.dataplane.nfqueue import read_queue_stats
 from kube_network_policies.dataplane.nftables import Backend, RulesetConfig, canonical_addresses
 from kube_network_policies.dataplane.ruleset import DataplaneError, Ruleset, detect_backend, recent_pids
 from kube_network_policies.dataplane.worker import WorkerConfig, worker_main
+from kube_network_policies.endpoints import MetricsServer
 from kube_network_policies.engine import ClusterState, Features
-from kube_network_policies.metrics import Metrics, MetricsServer
+from kube_network_policies.errors import KnpError
+from kube_network_policies.metrics import Metrics
 from kube_network_policies.model import ApiObject
 from kube_network_policies.sources.base import Batch, Change, Source, SourceError
 from kube_network_policies.sources.files import ManifestSource
@@ -90,7 +93,7 @@ _PUBLIC_SOURCE_STATUS = frozenset(
 )
 
 
-class AgentError(Exception):
+class AgentError(KnpError):
     """A start-up problem the user must fix (bad files, no queue, no nftables): exit status 2."""
 
 
@@ -159,7 +162,7 @@ class Agent:
         # with the marks, so /statusz never reports a change before it is enforced.
         self.applied_counts: dict[str, int] = {}
         self.ready = False  # start() completed: every source synced, the ruleset installed once
-        self.metrics = Metrics()
+        self.metrics = Metrics(queue_reader=read_queue_stats)
         self._workers: list[_Worker] = []
         self._ruleset: Ruleset | None = None
         self._monitor: NftMonitor | None = None

@@ -273,12 +273,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
         return lab_down()
     if args.lab_command == "up":
-        from pathlib import Path
-
         from kube_network_policies.lab.up import lab_up
 
-        default = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
-        return lab_up(args.path or str(default))
+        return lab_up(args.path)  # None: the demo scenario, shipped with the package
     if args.lab_command == "bench":
         from kube_network_policies.lab.bench_lab import run_lab_bench
 
@@ -374,7 +371,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:  # last resort: a clear line, never a traceback, unless asked for
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("kube_network_policies.lab"):
+            # The image leaves the lab out (see Dockerfile): `lab` and `bench` need a checkout.
+            print(
+                f"error: `{args.command}` needs the lab, which this installation does not include (the image ships the agent only)", file=sys.stderr
+            )
+            return EXIT_USAGE
         if os.environ.get("KNP_DEBUG"):
             raise
+        from kube_network_policies.errors import InputError, KnpError
+
+        if isinstance(exc, KnpError):  # ours, with a message for the user: not a bug
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(exc, InputError) else 1
         print(f"internal error: {type(exc).__name__}: {exc} (set KNP_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1

@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass
 
 from kube_network_policies.engine import ClusterState, Decision, DirectionResult, Features, Flow
+from kube_network_policies.errors import InputError
 from kube_network_policies.model import ApiObject
 from kube_network_policies.model.adminpolicy import AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy
 from kube_network_policies.model.ipnet import canonical_address
 
 
-class ExplainError(Exception):
+class ExplainError(InputError):
     """A question explain cannot answer (unknown pod, no IP...)."""
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics with the Go agent's names, types and labels, and the /metrics server.
+"""Prometheus metrics with the Go agent's names, types and labels (endpoints.py serves them).
 
 Exposed (all prefixed ``kube_network_policies_``, as the Go agent's namespace does):
 
@@ -22,9 +22,9 @@ Label values as the Go agent writes them: protocol ``TCP``/``UDP``/``SCTP`` (``"
 other), family ``IPv4``/``IPv6``, verdict ``accept``/``drop``.
 
 Why not prometheus_client's Histogram/Counter/Summary for the packet metrics:
-- cost: a pre-resolved Histogram child plus Counter child cost ~3 µs per packet here (locks,
-  bucket loop); :meth:`PacketMetrics.observe` is ~0.8 µs (``--bench``), against a ~10 µs
-  budget per queued packet;
+- cost: a pre-resolved Histogram child plus Counter child cost ~1 µs per packet here (locks,
+  bucket loop); :meth:`PacketMetrics.observe` ~0.3 µs, against a ~10 µs budget per queued
+  packet (``python -m kube_network_policies.lab.bench_metrics``);
 - its Summary has no quantiles; ours are computed at scrape time from a ring buffer;
 - it always exposes counters as ``<name>_total``; the Go agent's counter is ``packet_count``.
 So the packet path only bumps plain integers; scrapes turn them into metric families, and
@@ -33,18 +33,18 @@ The registry is a dedicated CollectorRegistry, never the global one.
 
 Packet workers run in their own processes: each keeps a PacketMetrics, ships
 :meth:`PacketMetrics.take_delta` about once a second, and the serving process merges it.
+
+This module imports nothing of the package: the dataplane's worker uses PacketMetrics, so a
+metrics module that imported the dataplane would be a loop. What it reads from elsewhere is
+handed in (the agent gives :class:`Metrics` dataplane.nfqueue.read_queue_stats).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import socket
-import sys
 import threading
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,27 +54,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from kube_network_policies.dataplane.nfqueue import read_queue_stats
-from kube_network_policies.httpserver import (
-    HttpServer,
-    Response,
-    ServerLimits,
-    parse_bind_address,
-)
-
 __all__ = [
     "BUCKETS_US",
     "QUANTILES",
     "ControlCounters",
     "ErrorCounters",
     "Metrics",
-    "MetricsServer",
     "PacketDelta",
     "PacketMetrics",
     "QueueCollector",
-    "ServerLimits",
     "exposition",
-    "parse_bind_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -304,9 +293,10 @@ _QUEUE_GAUGES: tuple[tuple[str, str, str], ...] = (
 
 
 class QueueCollector:
-    """The kernel's per-queue counters as gauges, read from /proc at scrape time (not polled)."""
+    """The kernel's per-queue counters as gauges, read at scrape time (not polled) by `reader`
+    (the agent's: dataplane.nfqueue.read_queue_stats, from /proc)."""
 
-    def __init__(self, reader: QueueReader = read_queue_stats) -> None:
+    def __init__(self, reader: QueueReader) -> None:
         self._reader = reader
 
     def describe(self) -> list[Metric]:
@@ -401,13 +391,15 @@ class ControlCounters:
         yield m
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Metrics:
     """The agent's metrics: a dedicated registry holding packet, error, queue and process
-    collectors. Creating it starts no thread (the agent forks workers afterwards)."""
+    collectors. Creating it starts no thread (the agent forks workers afterwards).
 
+    queue_reader has no default: a forgotten reader would silently drop the queue gauges."""
+
+    queue_reader: QueueReader
     packets: PacketMetrics = field(default_factory=PacketMetrics)
-    queue_reader: QueueReader = read_queue_stats
     errors: ErrorCounters = field(default_factory=ErrorCounters)
     control: ControlCounters = field(default_factory=ControlCounters)
     registry: CollectorRegistry = field(init=False)
@@ -486,148 +478,3 @@ def exposition(registry: CollectorRegistry) -> bytes:
             labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in s.labels.items())
             out.append(f"{s.name}{{{labels}}} {_go_float(s.value)}\n" if labels else f"{s.name} {_go_float(s.value)}\n")
     return "".join(out).encode()
-
-
-# --- HTTP server ----------------------------------------------------------------------------
-
-
-class MetricsServer:
-    """/metrics, /healthz (200 while the process serves and `alive()`, when given, is true),
-    /readyz (200 iff ready()) and, when a status callback is given, /statusz (its JSON).
-
-    The constructor only binds, so a bad or busy address fails early (ValueError for a bad
-    address, OSError naming it when the port cannot be bound) and no thread exists yet (the
-    agent forks its workers after binding); start() serves from one thread, close() stops.
-    As a context manager it starts on entry. Connections, request sizes and how long a client
-    may take are bounded (httpserver.ServerLimits).
-    """
-
-    def __init__(
-        self,
-        address: str,
-        metrics: Metrics | Callable[[], bytes],
-        ready: Callable[[], bool],
-        status: Callable[[], Mapping[str, object]] | None = None,
-        limits: ServerLimits | None = None,
-        alive: Callable[[], bool] | None = None,
-    ) -> None:
-        bind = parse_bind_address(address)
-        host = bind.host or ("::" if bind.family == socket.AF_INET6 else "0.0.0.0")
-        self._metrics = metrics.exposition if isinstance(metrics, Metrics) else metrics
-        self._ready = ready
-        self._alive = alive
-        self._status = status
-        try:
-            self._server = HttpServer(host, bind.port, bind.family, self._route, limits)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot listen on {address} for metrics: {e.strerror}") from None
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        return self._server.port
-
-    @property
-    def server(self) -> HttpServer:
-        return self._server
-
-    def _route(self, path: str) -> Response:
-        text = "text/plain; charset=utf-8"
-        if path == "/metrics":
-            return 200, self._metrics(), CONTENT_TYPE
-        if path == "/healthz":
-            return (200, b"ok\n", text) if self._check(self._alive, "liveness") else (503, b"not alive\n", text)
-        if path == "/readyz":
-            return (200, b"ok\n", text) if self._check(self._ready, "readiness") else (503, b"not ready\n", text)
-        if path == "/statusz" and self._status is not None:
-            body = json.dumps(self._status(), indent=2, sort_keys=True, default=str) + "\n"
-            return 200, body.encode(), "application/json"
-        return 404, b"not found\n", text
-
-    @staticmethod
-    def _check(check: Callable[[], bool] | None, what: str) -> bool:
-        if check is None:
-            return True
-        try:
-            return bool(check())
-        except Exception as e:  # noqa: BLE001 - a broken check means no
-            log.warning("%s check failed: %s", what, e)
-            return False
-
-    def start(self) -> None:
-        """Serve from a daemon thread; idempotent."""
-        self._server.start()
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> MetricsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --- bench ----------------------------------------------------------------------------------
-
-
-def _bench(n: int) -> None:
-    import random
-
-    from prometheus_client import Counter, Histogram
-
-    rng = random.Random(1)
-    keys = [(rng.choice((6, 6, 6, 17, 132)), rng.choice((4, 6)), rng.random() < 0.9) for _ in range(1024)]
-    values = [rng.lognormvariate(3, 0.6) for _ in range(1024)]
-    pm = PacketMetrics()
-    observe = pm.observe
-    t0 = time.perf_counter()
-    for i in range(n):
-        k = keys[i & 1023]
-        observe(k[0], k[1], k[2], values[i & 1023])
-    ours = (time.perf_counter() - t0) / n * 1e6
-    t0 = time.perf_counter()
-    for i in range(n):
-        k = keys[i & 1023]
-        values[i & 1023]
-    loop = (time.perf_counter() - t0) / n * 1e6
-
-    # The straightforward alternative: prometheus_client children, pre-resolved in a dict.
-    reg = CollectorRegistry()
-    hist = Histogram("h", "h", ["protocol", "family"], buckets=BUCKETS_US, registry=reg)
-    cnt = Counter("c", "c", ["protocol", "family", "verdict"], registry=reg)
-    children = {k: (hist.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]]), cnt.labels(_PROTOCOLS[k[0]], _FAMILIES[k[1]], str(k[2]))) for k in set(keys)}
-    t0 = time.perf_counter()
-    for i in range(n):
-        h, c = children[keys[i & 1023]]
-        h.observe(values[i & 1023])
-        c.inc()
-    client = (time.perf_counter() - t0) / n * 1e6
-
-    m = Metrics(packets=pm, queue_reader=lambda: {})
-    t0 = time.perf_counter()
-    body = m.exposition()
-    scrape = (time.perf_counter() - t0) * 1e3
-    print(f"PacketMetrics.observe():                     {ours - loop:.2f} µs per packet ({n} packets, loop overhead {loop:.2f} µs subtracted)")
-    print(f"prometheus_client Histogram+Counter children: {client - loop:.2f} µs per packet (for comparison)")
-    print(f"scrape (collect + text, {len(body)} bytes, {DEFAULT_WINDOW}-sample quantiles): {scrape:.2f} ms")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kube_network_policies.metrics")
-    parser.add_argument("--bench", action="store_true", help="print the per-packet cost of observe()")
-    parser.add_argument("-n", type=int, default=1_000_000, help="packets for --bench (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.print_help()
-        return 2
-    try:
-        _bench(max(1, args.n))
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

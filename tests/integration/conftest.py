@@ -23,20 +23,10 @@ from pathlib import Path
 import pytest
 
 from kube_network_policies.lab.controlplane import ControlPlane
+from skips import in_ci, skip_or_fail  # tests/skips.py
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "hack" / "controlplane" / "build.sh"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI") == "true"
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip, except under CI=true, where a control-plane test that cannot run is a failure."""
-    if in_ci():
-        pytest.fail(f"control-plane test cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def _has_binaries(bin_dir: Path) -> bool:

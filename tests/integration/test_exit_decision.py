@@ -22,7 +22,7 @@ from test_reliability import METRICS_PORT, lab, need_root, ok, wait_for
 
 from kube_network_policies.dataplane.nftables import TABLE
 from kube_network_policies.lab.controlplane import ControlPlane
-from kube_network_policies.lab.netns_mode import Agent
+from kube_network_policies.lab.netns_mode import AgentProcess
 from kube_network_policies.sources.daemonset import exit_decision, node_selected
 from kube_network_policies.sources.kubernetes import load_config
 
@@ -228,7 +228,7 @@ def test_node_selected_rules() -> None:
 
 
 def run_agent_and_stop(cp: ControlPlane, topo: Any, node: str, workdir: Path, pod: str, name: str) -> str:
-    agent = Agent(
+    agent = AgentProcess(
         topo, node, None, [], METRICS_PORT, workdir / f"{name}.log", kubeconfig=cp.kubeconfig_path, env={"POD_NAMESPACE": NS, "POD_NAME": pod}
     )
     try:

@@ -225,6 +225,10 @@ def test_image_files() -> None:
     assert re.search(r'^kube-network-policies = "kube_network_policies\.cli:main"$', pyproject, re.MULTILINE)
     ignore = (REPO / ".dockerignore").read_text().split()
     assert {"*", "!pyproject.toml", "!README.md", "!src/"} <= set(ignore)
+    # The lab stays out of the image, and the build proves it (tests/unit/test_packaging.py
+    # computes the whole build context).
+    assert ignore.index("src/kube_network_policies/lab/") > ignore.index("!src/")
+    assert '! python -c "import kube_network_policies.lab"' in dockerfile
     assert IMAGE in (REPO / "README.md").read_text()
 
 

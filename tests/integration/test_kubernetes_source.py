@@ -31,6 +31,8 @@ import httpx
 import pytest
 import yaml
 
+import builders  # tests/builders.py
+from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.model import parse_object
 from kube_network_policies.sources.base import Change
@@ -50,6 +52,7 @@ from kube_network_policies.sources.kubernetes import (
     Resource,
     kubeconfig_config,
 )
+from skips import require_root
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = [NAMESPACES, NODES, PODS, NETWORK_POLICIES, ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES]
@@ -80,7 +83,7 @@ def unique(prefix: str) -> str:
 
 
 def make_namespace(cp: ControlPlane, name: str, **labels: str) -> None:
-    ok(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    ok(cp, "POST", "/api/v1/namespaces", builders.namespace(name, labels))
 
 
 def delete_namespace(cp: ControlPlane, name: str) -> None:
@@ -92,22 +95,14 @@ def delete_namespace(cp: ControlPlane, name: str) -> None:
 
 
 def make_pod(cp: ControlPlane, ns: str, name: str, ip: str | None = None, node: str = "node-a", **labels: str) -> None:
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-    }
+    pod = builders.pod(None, name, node=node, labels=labels, image=builders.PAUSE_IMAGE, ports=[{"name": "http", "containerPort": 8080}], phase=None)
     ok(cp, "POST", f"/api/v1/namespaces/{ns}/pods", pod)
     if ip:
         set_pod_ip(cp, ns, name, ip)
 
 
 def set_pod_ip(cp: ControlPlane, ns: str, name: str, ip: str) -> None:
-    merge(cp, f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+    merge(cp, f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": builders.pod_status(ip)})
 
 
 def delete_pod(cp: ControlPlane, ns: str, name: str) -> None:
@@ -116,12 +111,9 @@ def delete_pod(cp: ControlPlane, ns: str, name: str) -> None:
 
 
 def network_policy(name: str, app: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]},
-    }
+    return builders.network_policy(
+        None, name, {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]}
+    )
 
 
 def make_np(cp: ControlPlane, ns: str, name: str, app: str = "web") -> None:
@@ -754,26 +746,6 @@ def network_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-@contextlib.contextmanager
-def entered(netns: str) -> Iterator[None]:
-    """This thread in `netns` for the block (sockets made here stay in it)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            libc.setns(back, 0x40000000)
-    finally:
-        os.close(back)
-        os.close(target)
-
-
 def http_get(netns: str, port: int, path: str) -> tuple[int, str]:
     """GET http://127.0.0.1:port/path as seen from inside `netns`; (0, error) if unreachable."""
     with entered(netns):
@@ -792,13 +764,7 @@ def http_get(netns: str, port: int, path: str) -> tuple[int, str]:
 
 
 def test_agent_in_kubernetes_mode_is_ready_only_after_every_source_synced(controlplane: ControlPlane, tmp_path: Path) -> None:
-    import shutil
-
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
-        reason = "needs root, ip and nft: the agent installs nftables rules in a network namespace"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_root("ip", "nft", why="the agent installs nftables rules in a network namespace")
     cp = controlplane
     node = unique("knp-agent-node")
     ns = unique("knp-agent")

@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 
+from skips import require_root
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _needs_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the API-server lab needs root, and CI must run it", pytrace=False)
-        pytest.skip("needs root: network namespaces, nftables and NFQUEUE")
+    require_root(why="network namespaces, nftables and NFQUEUE")
 
 
 def knp(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

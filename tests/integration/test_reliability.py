@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import shutil
 import signal
 import tempfile
 import threading
@@ -25,21 +23,19 @@ from typing import Any
 import httpx
 import pytest
 
+import builders  # tests/builders.py
 from kube_network_policies.lab.apiproxy import ApiProxy
 from kube_network_policies.lab.controlplane import ControlPlane
-from kube_network_policies.lab.netns_mode import Agent
+from kube_network_policies.lab.netns_mode import AgentProcess
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.topology import Topology
+from skips import require_root
 
 METRICS_PORT = 19180
 
 
 def need_root() -> None:
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
-        reason = "needs root, ip and nft: the agent installs nftables rules in a network namespace"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_root("ip", "nft", why="the agent installs nftables rules in a network namespace")
 
 
 # ---- API helpers -----------------------------------------------------------------------------
@@ -56,7 +52,7 @@ def unique(prefix: str) -> str:
 
 
 def make_namespace(cp: ControlPlane, name: str) -> None:
-    ok(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    ok(cp, "POST", "/api/v1/namespaces", builders.namespace(name))
 
 
 def delete_namespace(cp: ControlPlane, name: str) -> None:
@@ -72,19 +68,12 @@ def delete_namespace(cp: ControlPlane, name: str) -> None:
 
 
 def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "nodeName": node,
-            "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10", "ports": [{"name": "http", "containerPort": 8080}]}],
-        },
-    }
+    """A pod as created through the API (its status comes later, as a kubelet's would)."""
+    return builders.pod(None, name, node=node, labels=labels, image=builders.PAUSE_IMAGE, ports=[{"name": "http", "containerPort": 8080}], phase=None)
 
 
 def pod_status(ip: str) -> dict[str, Any]:
-    return {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    return {"status": builders.pod_status(ip)}
 
 
 def create_client_and_server(cp: ControlPlane, ns: str, node: str, client_ip: str, server_ip: str) -> str:
@@ -99,12 +88,7 @@ def create_client_and_server(cp: ControlPlane, ns: str, node: str, client_ip: st
 
 def network_policy(name: str, match: dict[str, str], allow_all: bool = False) -> dict[str, Any]:
     ingress = [{}] if allow_all else [{"from": [{"podSelector": {}}], "ports": [{"port": "http"}]}]
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"], "ingress": ingress},
-    }
+    return builders.network_policy(None, name, {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"], "ingress": ingress})
 
 
 class FastApi:
@@ -166,8 +150,8 @@ def lab(cp: ControlPlane, pods: list[tuple[str, str, list[str], bool]]) -> Itera
         topo.close()
 
 
-def start_agent(topo: Topology, node: str, cp: ControlPlane, log: Path, flags: list[str]) -> Agent:
-    return Agent(topo, node, None, flags, METRICS_PORT, log, kubeconfig=cp.kubeconfig_path)
+def start_agent(topo: Topology, node: str, cp: ControlPlane, log: Path, flags: list[str]) -> AgentProcess:
+    return AgentProcess(topo, node, None, flags, METRICS_PORT, log, kubeconfig=cp.kubeconfig_path)
 
 
 def applied_rv(status: dict[str, Any] | None, plural: str) -> int:
@@ -180,7 +164,7 @@ def applied_rv(status: dict[str, Any] | None, plural: str) -> int:
     return -1
 
 
-def wait_for(agent: Agent, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
+def wait_for(agent: AgentProcess, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         assert agent.process.poll() is None, f"the agent exited ({agent.process.returncode}) waiting for {what}:\n{agent.log_tail(40)}"

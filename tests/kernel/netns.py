@@ -31,67 +31,33 @@ create them inside `entered()`, use them from anywhere.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
+from kube_network_policies.dataplane import netns as _netns
+from kube_network_policies.dataplane.netns import NETNS_DIR, netns_path
+from skips import require_root, skip_or_fail  # tests/skips.py
 
 __all__ = [
+    "NETNS_DIR",
     "Netns",
     "NetnsPair",
     "netns",
     "netns_pair",
     "remove_stale",
     "require_kernel",
-    "setns",
     "skip_or_fail",
 ]
 
-NETNS_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip the test, except under CI (CI=true) where a kernel test that cannot run is a failure:
-    CI must never pass by silently skipping the tests that matter."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"kernel test cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def require_kernel(*tools: str) -> None:
     """Skip (or fail under CI) unless we are root and every tool is on PATH."""
-    if os.geteuid() != 0:
-        skip_or_fail("needs root: creates network namespaces and netfilter rules")
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        skip_or_fail(f"needs {', '.join(missing)} on PATH")
-
-
-def setns(path: str) -> None:
-    """Move the calling thread into the network namespace at `path` (a /var/run/netns file or
-    /proc/<pid>/task/<tid>/ns/net). Only this thread moves: other threads are unaffected."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def _setns_fd(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    require_root(*tools, why="creates network namespaces and netfilter rules")
 
 
 def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -109,24 +75,15 @@ class Netns:
 
     @property
     def path(self) -> str:
-        return f"{NETNS_DIR}/{self.name}"
+        return netns_path(self.name)
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace (`ip netns exec`); raise on failure if check."""
         return _run(["ip", "netns", "exec", self.name, *args], check=check)
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
+    def entered(self) -> contextlib.AbstractContextManager[None]:
         """Move the calling thread into this namespace for the duration of the block."""
-        back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(self.path)
-            try:
-                yield
-            finally:
-                _setns_fd(back)
-        finally:
-            os.close(back)
+        return _netns.entered(self.name)
 
     def read_proc(self, relative: str) -> str:
         """Read /proc/net/<relative> as seen from this namespace (e.g. "netfilter/nfnetlink_queue")."""

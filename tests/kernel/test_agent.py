@@ -38,6 +38,7 @@ import netns  # tests/kernel/netns.py
 import pytest
 import yaml
 
+import builders  # tests/builders.py
 from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.dataplane.nfqueue import read_queue_stats
 from kube_network_policies.dataplane.nftables import (
@@ -64,34 +65,22 @@ QUEUE = 100
 PROBE_TIMEOUT = 0.8
 WAIT_S = 10.0
 
-NAMESPACE = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t", "labels": {"team": "t"}}}
+NAMESPACE = builders.namespace("t", {"team": "t"})
 
 
 def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
-        "status": {"phase": "Running", "podIP": ip4, "podIPs": [{"ip": ip4}, {"ip": ip6}]},
-    }
+    return builders.pod("t", name, [ip4, ip6], node=NODE, labels={"app": name}, ports=[{"name": "http", "containerPort": 80}])
 
 
-DENY_B = {
-    "apiVersion": "networking.k8s.io/v1",
-    "kind": "NetworkPolicy",
-    "metadata": {"name": "deny-b", "namespace": "t"},
-    "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
-}
-ALLOW_A = {
-    "apiVersion": "networking.k8s.io/v1",
-    "kind": "NetworkPolicy",
-    "metadata": {"name": "allow-a", "namespace": "t"},
-    "spec": {
+DENY_B = builders.network_policy("t", "deny-b", {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]})
+ALLOW_A = builders.network_policy(
+    "t",
+    "allow-a",
+    {
         "podSelector": {"matchLabels": {"app": "b"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}],
     },
-}
+)
 INVALID = (  # refused as a whole: the except is not inside the cidr
     "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: t}\n"
     "spec:\n  podSelector: {}\n  ingress:\n    - from:\n"

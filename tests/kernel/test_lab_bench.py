@@ -87,3 +87,28 @@ def test_lab_bench_smoke(accept_cache: bool) -> None:
         lat = w["connect_latency_us"]
         assert all(_positive(lat[m][q]) for m in ("agent", "baseline") for q in ("p50", "p99")), (name, lat)
     assert doc["workload2"]["client_pods"] == 8 and doc["workload2"]["server_pods"] == 8
+
+
+def test_nfqueue_bench_smoke() -> None:
+    """`python -m kube_network_policies.lab.bench_nfqueue`: every SYN went through the queue and
+    was answered without error, and its scratch namespace is gone afterwards."""
+    netns.require_kernel("ip", "iptables")
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kube_network_policies.lab.bench_nfqueue", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(f"/var/run/netns/knp-bench-{proc.pid}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    figures = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()}
+    assert figures["connections_ok"] > 0 and figures["connections_failed"] == 0, figures
+    # The server accepted what the clients connected, so the queue answered every SYN (a few
+    # retransmitted SYNs may be queued twice).
+    assert figures["packets"] >= figures["connections_ok"], figures
+    assert figures["cpu_us_per_packet"] > 0 and figures["packets_per_round"] >= 1, figures
+    assert figures["decide_errors"] == figures["verdict_errors"] == figures["overruns"] == 0, figures

@@ -32,7 +32,7 @@ from kube_network_policies.lab.probe import (
     sctp_init_packet,
 )
 from kube_network_policies.lab.topology import (
-    CommandError,
+    IpCommandError,
     Topology,
     TopologyError,
     run_batches,
@@ -217,7 +217,7 @@ def test_bad_probe_is_a_clear_error(lab: tuple[Topology, Prober]) -> None:
         prober.probe([(topo.netns_of("x/a"), "10.244.2.10", "10.244.1.11", "TCP", PORT)])
     with pytest.raises(ProbeError, match="unsupported protocol"):
         prober.probe([(topo.netns_of("x/a"), "10.244.1.10", "10.244.1.11", "ICMP", PORT)])
-    with pytest.raises(CommandError, match=r"route add 10\.0\.0\.0/8 via 192\.0\.2\.1.*: .+"):
+    with pytest.raises(IpCommandError, match=r"route add 10\.0\.0\.0/8 via 192\.0\.2\.1.*: .+"):
         run_batches([(topo.netns_of("x/a"), ["link set lo up", "route add 10.0.0.0/8 via 192.0.2.1"])])
 
 

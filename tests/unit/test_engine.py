@@ -7,12 +7,17 @@ from typing import Any
 
 import pytest
 
+import builders  # tests/builders.py
+from builders import admin_network_policy as anp
+from builders import baseline_admin_network_policy as banp
+from builders import cluster_network_policy as cnp
+from builders import network_policy as np
 from kube_network_policies.engine import ALL_FEATURES, Action, ClusterState, Features, Flow, Tier
 from kube_network_policies.model import parse_object
 
 
 def ns(name: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+    return builders.namespace(name, labels)
 
 
 def pod(
@@ -25,40 +30,7 @@ def pod(
     ports: list[dict[str, Any]] | None = None,
     **labels: str,
 ) -> dict[str, Any]:
-    ips = [ip] if isinstance(ip, str) else ip
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": node, "hostNetwork": host_network, "containers": [{"name": "c", "ports": ports or []}]},
-        "status": {"phase": phase, "podIPs": [{"ip": i} for i in ips]},
-    }
-
-
-def np(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
-
-
-def anp(name: str, priority: int, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "policy.networking.k8s.io/v1alpha1",
-        "kind": "AdminNetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"priority": priority, **spec},
-    }
-
-
-def banp(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"}, "spec": spec}
-
-
-def cnp(name: str, tier: str, priority: int, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "policy.networking.k8s.io/v1alpha2",
-        "kind": "ClusterNetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {"tier": tier, "priority": priority, **spec},
-    }
+    return builders.pod(namespace, name, ip, node=node, phase=phase, host_network=host_network, ports=ports or [], labels=labels)
 
 
 def build(*objects: dict[str, Any], features: Features = ALL_FEATURES) -> ClusterState:

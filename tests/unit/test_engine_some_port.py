@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import builders  # tests/builders.py
 from kube_network_policies.engine import ALL_FEATURES, ClusterState, Flow
 from kube_network_policies.model import parse_object
 
@@ -25,17 +26,11 @@ def packed(ip: str) -> bytes:
 
 
 def pod(namespace: str, name: str, ip: str, node: str, ports: list[dict[str, Any]], **labels: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports}]},
-        "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
-    }
+    return builders.pod(namespace, name, ip, node=node, ports=ports, labels=labels)
 
 
 def namespace(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}}
+    return builders.namespace(name, {"team": name})
 
 
 def brute_force(state: ClusterState, src: str, dst: str, protocols: tuple[int, ...], node: str | None) -> bool:
@@ -127,7 +122,7 @@ def network_policy(draw: st.DrawFn, i: int) -> dict[str, Any]:
         spec["ingress"] = rules("ingress")
     if "Egress" in types:
         spec["egress"] = rules("egress")
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": f"np{i}", "namespace": "x"}, "spec": spec}
+    return builders.network_policy("x", f"np{i}", spec)
 
 
 @st.composite
@@ -163,14 +158,8 @@ def tiered_policy(draw: st.DrawFn, i: int, baseline: bool) -> dict[str, Any]:
         "egress": rules("egress"),
     }
     if baseline:
-        return {
-            "apiVersion": "policy.networking.k8s.io/v1alpha1",
-            "kind": "BaselineAdminNetworkPolicy",
-            "metadata": {"name": "default"},
-            "spec": spec,
-        }
-    spec["priority"] = draw(st.integers(0, 3))
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": f"anp{i}"}, "spec": spec}
+        return builders.baseline_admin_network_policy(spec)
+    return builders.admin_network_policy(f"anp{i}", draw(st.integers(0, 3)), spec)
 
 
 @st.composite
@@ -222,12 +211,7 @@ def build(*objects: dict[str, Any]) -> ClusterState:
 
 
 def deny_b_except(ports: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": "b", "namespace": "x"},
-        "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"ports": ports}] if ports else []},
-    }
+    return builders.network_policy("x", "b", {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"ports": ports}] if ports else []})
 
 
 @pytest.mark.parametrize(
@@ -256,16 +240,14 @@ def test_port_zero_and_protocols_without_ports() -> None:
     # An admin Deny of every port (1-65535) of TCP, UDP and SCTP, then Allow all. Ports in the
     # API start at 1, so port 0 is never denied by a rule with ports: it behaves like ICMP.
     ranges = [{"portRange": {"protocol": p, "start": 1, "end": 65535}} for p in PROTOCOLS]
-    anp = {
-        "apiVersion": "policy.networking.k8s.io/v1alpha1",
-        "kind": "AdminNetworkPolicy",
-        "metadata": {"name": "p"},
-        "spec": {
-            "priority": 1,
+    anp = builders.admin_network_policy(
+        "p",
+        1,
+        {
             "subject": {"namespaces": {}},
             "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "ports": ranges}, {"action": "Allow", "from": [{"namespaces": {}}]}],
         },
-    }
+    )
     state = build(pod("x", "a", A, "n1", [], app="a"), pod("x", "b", B, "n1", [], app="b"), anp)
     a, b = packed(A), packed(B)
     assert not state.evaluate(Flow(a, b, TCP, 0, 1), "n1").allowed

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from kube_network_policies.endpoints import MetricsServer
 from kube_network_policies.httpserver import ServerLimits
-from kube_network_policies.metrics import MetricsServer
 
 
 def healthz_ms(port: int, path: str = "/healthz") -> tuple[int, float]:

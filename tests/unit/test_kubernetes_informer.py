@@ -19,6 +19,7 @@ import httpx
 import msgspec
 import pytest
 
+import builders  # tests/builders.py
 from kube_network_policies.model import LabelSet, Namespace, Pod, ValidationError
 from kube_network_policies.model.core import parse_pod
 from kube_network_policies.sources.base import Change
@@ -317,11 +318,7 @@ def test_kubeconfig_tls_server_name(tmp_path: Path) -> None:
 
 
 def ns_obj(name: str, rv: int, **labels: str) -> dict[str, Any]:
-    return {
-        "kind": "Namespace",
-        "apiVersion": "v1",
-        "metadata": {"name": name, "resourceVersion": str(rv), "labels": {"kubernetes.io/metadata.name": name, **labels}},
-    }
+    return builders.namespace(name, {"kubernetes.io/metadata.name": name, **labels}, resourceVersion=str(rv))
 
 
 def event(kind: str, obj: dict[str, Any]) -> bytes:

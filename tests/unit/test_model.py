@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import builders  # tests/builders.py
 from kube_network_policies.model import (
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
@@ -45,7 +46,7 @@ from kube_network_policies.model.adminpolicy import (
 )
 from kube_network_policies.model.core import parse_namespace, parse_node, parse_pod
 from kube_network_policies.model.fields import Fields
-from kube_network_policies.model.ipnet import Cidr, IPBlock, canonical_address, parse_address, parse_cidr
+from kube_network_policies.model.ipnet import Cidr, IPBlock, canonical_address, parse_cidr
 from kube_network_policies.model.networkpolicy import (
     EGRESS,
     INGRESS,
@@ -73,12 +74,7 @@ def paths(err: ValidationError) -> list[str]:
 
 
 def np_obj(spec: dict[str, Any] | None = None, *, name: str = "np", namespace: str | None = "x") -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace is not None:
-        meta["namespace"] = namespace
-    obj: dict[str, Any] = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta}
-    obj["spec"] = {"podSelector": {}} if spec is None else spec
-    return obj
+    return builders.network_policy(namespace, name, {"podSelector": {}} if spec is None else spec)
 
 
 def ingress_peers(*peers: Any) -> dict[str, Any]:
@@ -101,28 +97,24 @@ def one_peer(peer: Any):
     return p
 
 
-def pod_obj(**kw: Any) -> dict[str, Any]:
-    obj: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": kw.pop("name", "p1"), "namespace": kw.pop("namespace", "ns1"), "labels": kw.pop("labels", {"app": "web"})},
-        "spec": kw.pop("spec", {"nodeName": "node-a", "containers": [{"name": "c"}]}),
-        "status": kw.pop("status", {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}),
-    }
-    assert not kw
-    return obj
+def pod_obj(
+    *, name: str = "p1", namespace: str = "ns1", labels: Any = None, spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Pod ns1/p1 (app=web) on node-a, Running at 10.0.0.1; `spec` and `status` replace whole."""
+    labels = {"app": "web"} if labels is None else labels
+    return builders.pod(namespace, name, "10.0.0.1", node="node-a", labels=labels, spec=spec, status=status)
 
 
 def anp_obj(spec: dict[str, Any], name: str = "anp") -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": name}, "spec": spec}
+    return builders.admin_network_policy(name, None, spec)
 
 
 def banp_obj(spec: dict[str, Any], name: str = "default") -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": name}, "spec": spec}
+    return builders.baseline_admin_network_policy(spec, name)
 
 
 def cnp_obj(spec: dict[str, Any], name: str = "cnp") -> dict[str, Any]:
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name}, "spec": spec}
+    return builders.cluster_network_policy(name, None, None, spec)
 
 
 def anp_spec(**kw: Any) -> dict[str, Any]:
@@ -310,14 +302,8 @@ class TestCidr:
         assert block.describe() == "10.0.0.0/8 except 10.1.0.0/16"
         assert IPBlock(cidr("10.0.0.0/8"), ()).describe() == "10.0.0.0/8"
 
-    def test_parse_address_and_canonical(self):
-        fam, value, packed = parse_address("10.0.0.1")
-        assert (fam, value, packed) == (4, 0x0A000001, bytes([10, 0, 0, 1]))
-        fam, value, packed = parse_address("fd00::1")
-        assert fam == 6 and value == (0xFD << 120) | 1 and len(packed) == 16
+    def test_canonical_address(self):
         assert canonical_address("FD00:0000::0001") == "fd00::1"
-        with pytest.raises(ValueError, match="invalid IP address 'nope'"):
-            parse_address("nope")
 
 
 # --------------------------------------------------------------------------------------------------

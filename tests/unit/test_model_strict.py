@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import builders  # tests/builders.py
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.adminpolicy import UnknownPeer
 from kube_network_policies.model.errors import FieldError
@@ -17,25 +18,22 @@ from kube_network_policies.sources.kubernetes import ADMIN_NETWORK_POLICIES, CLU
 
 
 def pod(ips: list[str] | None = None, **meta: Any) -> dict[str, Any]:
-    status: dict[str, Any] = {"phase": "Running"}
-    if ips:
-        status["podIP"] = ips[0]
-        status["podIPs"] = [{"ip": ip} for ip in ips]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "x", **meta}, "spec": {"nodeName": "n"}, "status": status}
+    """Pod x/p, with a spec of nodeName only: the fields under test are metadata and status."""
+    meta = {"name": "p", "namespace": "x", **meta}
+    return builders.pod(meta.pop("namespace"), meta.pop("name"), ips or (), spec={"nodeName": "n"}, **meta)
 
 
 def np(spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "np", "namespace": "x", **meta}, "spec": spec}
+    meta = {"name": "np", "namespace": "x", **meta}
+    return builders.network_policy(meta.pop("namespace"), meta.pop("name"), spec, **meta)
 
 
 def anp(spec: dict[str, Any], name: str = "a") -> dict[str, Any]:
-    base = {"priority": 10, "subject": {"namespaces": {}}}
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy", "metadata": {"name": name}, "spec": {**base, **spec}}
+    return builders.admin_network_policy(name, None, {"priority": 10, "subject": {"namespaces": {}}, **spec})
 
 
 def cnp(spec: dict[str, Any]) -> dict[str, Any]:
-    base = {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}}}
-    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": "c"}, "spec": {**base, **spec}}
+    return builders.cluster_network_policy("c", None, None, {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}}, **spec})
 
 
 def errors(obj: dict[str, Any], *, strict: bool = True) -> list[FieldError]:

@@ -73,16 +73,6 @@ class TestLabelSet:
         assert a != {"k": "v"}  # not equal to a plain dict
         assert {a: 1}[LabelSet({"k": "v"})] == 1
 
-    def test_with_label_returns_new_interned_set_and_leaves_original(self):
-        a = LabelSet({"app": "web"})
-        b = a.with_label("tier", "front")
-        assert a.as_dict() == {"app": "web"}
-        assert b.as_dict() == {"app": "web", "tier": "front"}
-        assert b is LabelSet({"tier": "front", "app": "web"})
-        c = b.with_label("app", "db")  # replaces a value
-        assert c.as_dict() == {"app": "db", "tier": "front"}
-        assert a.with_label("app", "web") is a
-
     def test_setattr_is_refused(self):
         s = LabelSet({"app": "web"})
         with pytest.raises(AttributeError):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import builders  # tests/builders.py
 import packets
 from kube_network_policies.dataplane.nfqueue import ACCEPT, ACCEPT_JUDGED, DROP
 from kube_network_policies.dataplane.worker import make_decide
@@ -23,36 +24,24 @@ TCP, UDP, DSTOPTS, FRAG, MOBILITY = 6, 17, 60, 44, 135
 
 
 def pod(name: str, ip4: str, ip6: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "t", "labels": {"app": name}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
-        "status": {"phase": "Running", "podIPs": [{"ip": ip4}, {"ip": ip6}]},
-    }
+    return builders.pod("t", name, [ip4, ip6], labels={"app": name})
 
 
 # B accepts A on TCP 80 only; C accepts nobody.
 OBJECTS = [
-    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "t"}},
+    builders.namespace("t"),
     pod("a", A4, A6),
     pod("b", B4, B6),
     pod("c", C4, C6),
-    {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": "b", "namespace": "t"},
-        "spec": {
+    builders.network_policy(
+        "t",
+        "b",
+        {
             "podSelector": {"matchLabels": {"app": "b"}},
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": 80}]}],
         },
-    },
-    {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": "c", "namespace": "t"},
-        "spec": {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"]},
-    },
+    ),
+    builders.network_policy("t", "c", {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"]}),
 ]
 
 

@@ -30,6 +30,7 @@ from typing import Final
 
 from kube_network_policies.dataplane.netns import entered
 from kube_network_policies.dataplane.nftables import CACHE_V4, CACHE_V6, TABLE
+from kube_network_policies.errors import KnpError
 
 __all__ = ["MonitorError", "NftMonitor", "parse_events"]
 
@@ -86,7 +87,7 @@ _nlmsghdr = struct.Struct("=IHHII")
 _nlattr = struct.Struct("=HH")
 
 
-class MonitorError(OSError):
+class MonitorError(KnpError, OSError):
     """The notification socket could not be opened (not root, no nf_tables)."""
 
 

@@ -18,14 +18,12 @@ Speed matters more than elegance here (one call per queued packet): one precompi
 `struct.unpack_from` for the fixed header, one for the ports, no slicing of the input, and the
 Flow is built with `tuple.__new__` to skip the NamedTuple's Python-level `__new__`.
 
-Run `python -m kube_network_policies.dataplane.packet --bench` for timings.
+`python -m kube_network_policies.lab.bench_packet` times it.
 """
 
 from __future__ import annotations
 
 import struct
-import sys
-import time
 from collections.abc import Callable
 from typing import Final
 
@@ -227,63 +225,3 @@ def parse_addresses(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes,
         return (src, dst, nh)
     except Exception:  # noqa: BLE001 - as parse_packet
         return None
-
-
-# --- benchmark -------------------------------------------------------------------------------
-
-
-def _bench_packets() -> dict[str, bytes]:
-    tcp_syn = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, 0xA0, 0x02, 64240, 0, 0) + bytes(20)
-    v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp_syn), 1, 0x4000, 64, 6, 0, bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)))
-    v6 = struct.pack("!IHBB16s16s", 0x60000000, len(tcp_syn), 6, 64, b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02")
-    hop = struct.pack("!BB6x", _DSTOPTS, 0)
-    dst = struct.pack("!BB6x", _TCP, 0)
-    v6ext = struct.pack("!IHBB16s16s", 0x60000000, 16 + len(tcp_syn), _HOPOPTS, 64, b"\xfd" + bytes(14) + b"\x01", b"\xfd" + bytes(14) + b"\x02")
-    return {
-        "ipv4 tcp syn": v4 + tcp_syn,
-        "ipv6 tcp syn": v6 + tcp_syn,
-        "ipv6 hbh+dstopts tcp": v6ext + hop + dst + tcp_syn,
-    }
-
-
-def bench(rounds: int = 7, loops: int = 200_000) -> dict[str, float]:
-    """Best-of-`rounds` time per parse_packet call in µs, for bytes and for a memoryview of a
-    larger buffer (what the NFQUEUE consumer passes)."""
-    results: dict[str, float] = {}
-    for name, pkt in _bench_packets().items():
-        buf = bytearray(4096)
-        buf[100 : 100 + len(pkt)] = pkt
-        inputs: dict[str, bytes | memoryview] = {
-            "bytes": pkt,
-            "memoryview": memoryview(buf)[100 : 100 + len(pkt)],
-        }
-        for kind, data in inputs.items():
-            assert isinstance(parse_packet(data), Flow)
-            best = float("inf")
-            rng = range(loops)
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                for _ in rng:
-                    parse_packet(data)
-                best = min(best, time.perf_counter() - t0)
-            # Subtract the bare loop cost so the figure is the call itself.
-            t0 = time.perf_counter()
-            for _ in rng:
-                pass
-            loop_cost = time.perf_counter() - t0
-            results[f"{name} ({kind})"] = (best - loop_cost) / loops * 1e6
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["--bench"]:
-        print("usage: python -m kube_network_policies.dataplane.packet --bench", file=sys.stderr)
-        return 2
-    for name, us in bench().items():
-        print(f"{name:40s} {us:6.3f} µs/packet")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,6 +36,7 @@ from kube_network_policies.dataplane.nftables import (
     render,
     xt_rules,
 )
+from kube_network_policies.errors import KnpError
 
 __all__ = [
     "CommandError",
@@ -60,7 +61,7 @@ XT_RECHECK_S = 10.0  # how often a sync re-verifies the iptables queue rules
 # --- running commands -----------------------------------------------------------------------
 
 
-class DataplaneError(RuntimeError):
+class DataplaneError(KnpError, RuntimeError):
     """Base of the errors this module raises (besides ValueError for bad input)."""
 
 

@@ -340,10 +340,6 @@ def named_ports(pod: Pod) -> frozenset[tuple[str, int, int]]:
     return frozenset((p.name, PROTO[p.protocol], p.port) for p in pod.ports if p.name)
 
 
-EGRESS_DIRECTION = EGRESS
-INGRESS_DIRECTION = INGRESS
-
-
 class DirectionPlan:
     """What decides one direction for the pods that share exactly the same selecting policies."""
 

@@ -119,19 +119,6 @@ class ClusterState:
     def nodes(self) -> list[Node]:
         return list(self._nodes.values())
 
-    def network_policies(self) -> list[NetworkPolicy]:
-        return [c.policy for c in self._network_policies.values()]
-
-    def tiered_policies(self) -> list[ap.TieredPolicy]:
-        return [c.policy for c in sorted(self._tiered.values(), key=lambda c: (c.tier != Tier.ADMIN, c.order))]
-
-    def selecting_policies(self, namespace: str, name: str) -> list[str]:
-        """Names of the policies that select a pod (either direction), for tools."""
-        e = self._pods.get(f"{namespace}/{name}")
-        if e is None:
-            return []
-        return sorted(f"{k}/{ns + '/' if ns else ''}{n}" for k, ns, n in e.selected_by)
-
     def managed_ips(self, node: str) -> frozenset[str]:
         """Local pod IPs of `node` that need the userspace path (selected by any enabled policy)."""
         return frozenset(self._managed.get(node, ()))

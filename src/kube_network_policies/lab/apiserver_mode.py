@@ -27,7 +27,7 @@ from kube_network_policies.lab.apiproxy import ApiProxy
 from kube_network_policies.lab.controlplane import ControlPlane, ControlPlaneError
 from kube_network_policies.lab.netns_mode import (
     FEATURE_FLAGS,
-    Agent,
+    AgentProcess,
     LabError,
     LabSession,
     _external_ips,
@@ -54,7 +54,6 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "BaselineAdminNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha1", "baselineadminnetworkpolicies", False),
     "ClusterNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha2", "clusternetworkpolicies", False),
 }
-POLICY_KINDS = ("NetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy")
 
 
 def crds_dir() -> Path:
@@ -189,7 +188,7 @@ class ApiLabSession(LabSession):
         self.apply_seconds: list[float] = []
         self._workdir = Path(tempfile.mkdtemp(prefix="knp-lab-"))
         self._objects = {}
-        self.agents: list[Agent] = []
+        self.agents: list[AgentProcess] = []
         self.topology: Topology | None = None
         self.api = ApiClient(cp)
         self.proxy: ApiProxy | None = None
@@ -216,7 +215,7 @@ class ApiLabSession(LabSession):
             flags = [FEATURE_FLAGS[r] for r in scenario.requires if r in FEATURE_FLAGS]
             for node in scenario.nodes:
                 self.agents.append(
-                    Agent(
+                    AgentProcess(
                         self.topology, node.name, None, flags, metrics_port, self._workdir / f"agent-{node.name}.log", kubeconfig=cp.kubeconfig_path
                     )
                 )

@@ -88,9 +88,7 @@ def admin_policy_object(i: int, namespaces: int) -> dict[str, Any]:
         {
             "name": "deny-db",
             "action": "Deny",
-            "to" if False else "from": [
-                {"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}
-            ],
+            "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": "x"}}, "podSelector": {"matchLabels": {"tier": "db"}}}}],
         },
         {"name": "pass-same", "action": "Pass", "from": [{"namespaces": target}], "ports": [{"portRange": {"start": 8000, "end": 8999}}]},
     ]

@@ -101,7 +101,7 @@ from kube_network_policies.dataplane.ruleset import (
 from kube_network_policies.lab import loadgen
 from kube_network_policies.lab.bench_engine import network_policy_object, pod_object
 from kube_network_policies.lab.netns_mode import (
-    Agent,
+    AgentProcess,
     LabError,
     check_lab_prerequisites,
 )
@@ -276,11 +276,10 @@ class MetricsSnapshot:
     accepted: int
     dropped: int
     errors: int
-    control_cpu_s: float
 
 
 def parse_metrics(text: str) -> MetricsSnapshot:
-    snap = MetricsSnapshot({}, 0, 0.0, {}, 0, 0, 0, 0.0)
+    snap = MetricsSnapshot({}, 0, 0.0, {}, 0, 0, 0)
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -306,8 +305,6 @@ def parse_metrics(text: str) -> MetricsSnapshot:
                 snap.accepted += int(value)
         elif name == METRIC + "packet_errors_total":
             snap.errors += int(value)
-        elif name == "process_cpu_seconds_total":
-            snap.control_cpu_s = value
     return snap
 
 
@@ -554,7 +551,7 @@ class BenchLab:
         self.config = config
         self.log = log
         self.topology: Topology | None = None
-        self.agent: Agent | None = None
+        self.agent: AgentProcess | None = None
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self._clients: list[subprocess.Popen[str]] = []
         self._workdir = Path(tempfile.mkdtemp(prefix="knp-bench-"))
@@ -593,7 +590,7 @@ class BenchLab:
             self.servers[key] = loadgen.serve(_netns_prefix(self.topology.netns_of(key)), [PORT], threads=self.config.server_threads)
         t0 = time.monotonic()
         flags = ["-nfqueue-id", str(QUEUE_ID), "-nfqueue-count", str(cfg.queues), f"-accept-cache={'true' if cfg.accept_cache else 'false'}"]
-        self.agent = Agent(self.topology, NODE, manifests, flags, METRICS_PORT, self._workdir / "agent.log")
+        self.agent = AgentProcess(self.topology, NODE, manifests, flags, METRICS_PORT, self._workdir / "agent.log")
         digest = manifest_digest([str(manifests)])
         deadline = time.monotonic() + AGENT_START_TIMEOUT_S
         while True:

@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from kube_network_policies.errors import KnpError
+
 __all__ = ["ControlPlane", "ControlPlaneError", "install_crds"]
 
 CRD_API = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
@@ -48,7 +50,7 @@ SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
-class ControlPlaneError(RuntimeError):
+class ControlPlaneError(KnpError, RuntimeError):
     """The control plane could not start, or an API call it made for itself failed."""
 
 

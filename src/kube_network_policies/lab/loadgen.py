@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kube_network_policies.errors import KnpError
+
 __all__ = [
     "BINARY_NAME",
     "CFLAGS",
@@ -55,7 +57,7 @@ LIBS = ("-lpthread",)
 DEFAULT_CACHE = "/var/cache/kube-network-policies"
 
 
-class LoadgenError(RuntimeError):
+class LoadgenError(KnpError, RuntimeError):
     """Building or running knp-loadgen failed; the message carries the tool's stderr."""
 
 

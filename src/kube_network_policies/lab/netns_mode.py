@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from kube_network_policies.dataplane.netns import entered
+from kube_network_policies.errors import KnpError
 from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.runner import (
     Observation,
@@ -48,7 +49,7 @@ FEATURE_FLAGS = {
 }
 
 
-class LabError(Exception):
+class LabError(KnpError):
     """The lab could not be set up or an agent misbehaved; the message says which and why."""
 
 
@@ -79,7 +80,7 @@ def _external_ips(scenario: Scenario) -> list[str]:
     return list(found)
 
 
-class Agent:
+class AgentProcess:
     """One agent process in a node namespace."""
 
     def __init__(
@@ -165,7 +166,7 @@ class LabSession:
         self._manifests = self._workdir / "manifests"
         self._manifests.mkdir()
         self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.agents: list[Agent] = []
+        self.agents: list[AgentProcess] = []
         self.topology: Topology | None = None
         try:
             self.topology = Topology.build(
@@ -187,7 +188,9 @@ class LabSession:
             digest = self._write()
             flags = [FEATURE_FLAGS[r] for r in scenario.requires if r in FEATURE_FLAGS]
             for node in scenario.nodes:
-                self.agents.append(Agent(self.topology, node.name, self._manifests, flags, metrics_port, self._workdir / f"agent-{node.name}.log"))
+                self.agents.append(
+                    AgentProcess(self.topology, node.name, self._manifests, flags, metrics_port, self._workdir / f"agent-{node.name}.log")
+                )
             self._wait_for(digest, AGENT_START_TIMEOUT_S, "start")
         except BaseException:
             self.close()

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kube_network_policies.dataplane.netns import entered, netns_path
+from kube_network_policies.errors import KnpError
 from kube_network_policies.lab.topology import Topology, TopologyError, exit_on_sigterm
 
 DEFAULT_TIMEOUT = 1.0
@@ -64,7 +65,7 @@ LISTEN_BACKLOG = 4096
 ProbeRequest = tuple[str, str, str, str, int]  # (client netns, client ip, server ip, protocol, port)
 
 
-class ProbeError(Exception):
+class ProbeError(KnpError):
     """A probe or server cannot be set up (unknown namespace, address not in the namespace...)."""
 
 
@@ -442,7 +443,6 @@ class Prober:
     def __init__(self, topology: Topology | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         _raise_nofile()
         self.timeout = timeout
-        self._topology = topology
         self._ns_fds: dict[str, int] = {}
         self._served: dict[str, set[tuple[str, int]]] = {}
         self._sctp_ports: dict[str, frozenset[int]] = {}  # replaced whole: read by the server thread

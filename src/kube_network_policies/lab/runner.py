@@ -151,7 +151,7 @@ class Mode(Protocol):
 
 
 @dataclass(slots=True)
-class ProbeResult:
+class ProbeStepResult:
     step: int
     probe: Probe
     pairs: list[Pair]
@@ -168,7 +168,7 @@ class ScenarioResult:
     path: str
     name: str
     status: str  # passed, failed, skipped, error
-    probes: list[ProbeResult] = field(default_factory=list)
+    probes: list[ProbeStepResult] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -189,7 +189,7 @@ def run_scenario(scenario: Scenario, mode: Mode) -> ScenarioResult:
                 pairs = cluster.pairs(probe)
                 expected = {p: (p in probe.exceptions) != probe.default_allow for p in pairs}
                 observed = session.observe(probe.protocol, probe.port, pairs) if pairs else {}
-                pr = ProbeResult(i, probe, pairs, expected, observed)
+                pr = ProbeStepResult(i, probe, pairs, expected, observed)
                 result.probes.append(pr)
                 if pr.wrong:
                     result.status = "failed"
@@ -200,7 +200,7 @@ def run_scenario(scenario: Scenario, mode: Mode) -> ScenarioResult:
     return result
 
 
-def truth_table(pr: ProbeResult) -> str:
+def truth_table(pr: ProbeStepResult) -> str:
     """One matrix per probe: rows are clients, columns servers.
     '.' allow, 'X' deny, '?' families disagree or not probeable, '-' not probed, '!' unexpected."""
     # One order for rows and columns (first appearance), so the diagonal lines up.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kube_network_policies.errors import InputError
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.core import HOSTNAME_LABEL
 from kube_network_policies.model.errors import FieldError
@@ -35,7 +36,7 @@ DEFAULT_NODE = {"name": "node-1", "ip": "172.18.0.2"}
 RELABEL_KINDS = ("Pod", "Namespace", "Node")
 
 
-class ScenarioError(Exception):
+class ScenarioError(InputError):
     """A scenario file that cannot be run: names the file and the field."""
 
     def __init__(self, path: str, errors: list[FieldError] | tuple[FieldError, ...]) -> None:

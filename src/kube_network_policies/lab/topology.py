@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 
 from kube_network_policies.dataplane.netns import NETNS_DIR, entered, netns_path
+from kube_network_policies.errors import KnpError
 
 PREFIX_ROOT = "knp"
 GATEWAY4 = "169.254.1.1"  # the pods' default gateway; never assigned, only a permanent neighbour
@@ -58,11 +59,11 @@ FABRIC_NETNS = "fabric"
 _run_counter = itertools.count()
 
 
-class TopologyError(Exception):
+class TopologyError(KnpError):
     """The topology cannot be built or torn down; the message says why."""
 
 
-class CommandError(TopologyError):
+class IpCommandError(TopologyError):
     """An external command failed; names the command (and batch line) and its stderr."""
 
     def __init__(self, command: str, returncode: int, stderr: str) -> None:
@@ -134,14 +135,14 @@ def _start_batch(netns: str | None, lines: Sequence[str], force: bool = False) -
 
 def run_batches(batches: Sequence[tuple[str | None, Sequence[str]]], force: bool = False) -> None:
     """Run `ip [-n NETNS] -batch -` once per (netns, lines), all in parallel. A failure raises
-    CommandError naming the namespace, the failing batch line and ip's message."""
+    IpCommandError naming the namespace, the failing batch line and ip's message."""
     started = [(netns, lines, *_start_batch(netns, lines, force)) for netns, lines in batches if lines]
-    errors: list[CommandError] = []
+    errors: list[IpCommandError] = []
     for _netns, lines, argv, proc in started:
         _, err = proc.communicate("".join(line + "\n" for line in lines).encode())
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip()
-            errors.append(CommandError(_failed_line(argv, lines, text), proc.returncode, _strip_position(text)))
+            errors.append(IpCommandError(_failed_line(argv, lines, text), proc.returncode, _strip_position(text)))
     if errors:
         raise errors[0]
 
@@ -215,7 +216,7 @@ def delete_netns(names: Sequence[str]) -> None:
     _kill_all(names)
     try:
         run_batches([(None, [f"netns del {n}" for n in names])], force=True)
-    except CommandError as exc:
+    except IpCommandError as exc:
         left = [n for n in names if os.path.exists(netns_path(n))]
         if left:
             raise TopologyError(f"cannot delete network namespaces {', '.join(left)}: {exc}") from None
@@ -551,14 +552,14 @@ class Topology:
 
     def run(self, netns: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run a command inside one of our namespaces (`ip netns exec`), e.g. iptables; raises
-        CommandError if check and it fails."""
+        IpCommandError if check and it fails."""
         cmd = [_ip_binary(), "netns", "exec", netns, *argv]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CommandError(" ".join(["ip", *cmd[1:]]), -1, str(exc)) from None
+            raise IpCommandError(" ".join(["ip", *cmd[1:]]), -1, str(exc)) from None
         if check and proc.returncode != 0:
-            raise CommandError(" ".join(["ip", *cmd[1:]]), proc.returncode, proc.stderr.strip())
+            raise IpCommandError(" ".join(["ip", *cmd[1:]]), proc.returncode, proc.stderr.strip())
         return proc
 
     # -- teardown --

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,17 @@ def _hold(path: str, ready_fd: int) -> None:
             STATE_FILE.unlink(missing_ok=True)
 
 
-def lab_up(path: str) -> int:
+def demo_scenario() -> contextlib.AbstractContextManager[Path]:
+    """The demo scenario (package data, so an installed package has it; examples/demo.yaml in a
+    checkout links to the same file), as a path for the block."""
+    return resources.as_file(resources.files("kube_network_policies.lab").joinpath("data", "demo.yaml"))
+
+
+def lab_up(path: str | None = None) -> int:
+    """Bring up the scenario at `path` (default: the demo scenario)."""
+    if path is None:
+        with demo_scenario() as demo:  # read by the holder before it reports: the block may end
+            return lab_up(str(demo))
     state = read_state()
     if state is not None and _running(state):
         print(f"error: a lab is already up (process {state['pid']}, see {STATE_FILE}); run `kube-network-policies lab down` first", file=sys.stderr)

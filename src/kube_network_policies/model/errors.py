@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kube_network_policies.errors import InputError
+
 MAX_SHOWN = 80  # characters of a value quoted in a message
 MAX_PATH = 1000  # a field path with a label key of the maximum length (317) fits
 MAX_MESSAGE = 1000
@@ -58,7 +60,7 @@ class FieldError:
         return f"{path}: {message}" if path else message
 
 
-class ValidationError(ValueError):
+class ValidationError(InputError, ValueError):
     """An object that cannot be enforced as written.
 
     `subject` names the object ("NetworkPolicy x/deny-all"), or where it came from when the

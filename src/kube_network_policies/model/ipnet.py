@@ -142,15 +142,6 @@ def _parse_ip(text: str, *, strict: bool, unmap: bool = True) -> ipaddress.IPv4A
     return ip
 
 
-def parse_address(text: str, *, strict: bool = True) -> tuple[int, int, bytes]:
-    """(family, integer, packed) of an IP address; raises ValueError with a clear message."""
-    try:
-        a = _parse_ip(text, strict=strict)
-    except ValueError as exc:
-        raise ValueError(f"invalid IP address {shown(text)}: {exc}") from None
-    return a.version, int(a), a.packed
-
-
 def canonical_address(text: str, *, strict: bool = False) -> str:
     """The canonical text of an address (see _parse_ip); raises ValueError with the problem."""
     try:

@@ -31,8 +31,6 @@ PARSERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "ClusterNetworkPolicy": (("policy.networking.k8s.io/v1alpha2",), parse_cluster_network_policy),
 }
 
-NAMESPACED_KINDS = frozenset({"Pod", "NetworkPolicy"})
-
 
 def parse_object(obj: object, *, strict: bool = False) -> ApiObject:
     """Parse a Kubernetes object of a supported kind; raises ValidationError naming what is wrong.

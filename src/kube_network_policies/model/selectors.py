@@ -57,11 +57,6 @@ class LabelSet:
                 return v
         return None
 
-    def with_label(self, key: str, value: str) -> LabelSet:
-        d = dict(self.items)
-        d[key] = value
-        return LabelSet(d)
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LabelSet) and other.items == self.items
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+from kube_network_policies.errors import KnpError
 from kube_network_policies.model import ApiObject
 
 Key = tuple[str, str, str]  # (kind, namespace, name), as model.object_key
@@ -35,7 +36,7 @@ class Batch:
     marks: dict[str, str] = field(default_factory=dict)  # e.g. {"pods": "12345"} or {"digest": "ab12..."}
 
 
-class SourceError(Exception):
+class SourceError(KnpError):
     """A problem the user must fix before the source can start (bad files, bad kubeconfig)."""
 
 

@@ -33,6 +33,7 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from kube_network_policies.errors import InputError
 from kube_network_policies.model.errors import shown
 
 MAX_DEPTH = 64  # Kubernetes objects need about 20 (a List item's pod affinity terms)
@@ -43,7 +44,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
-class DecodeError(Exception):
+class DecodeError(InputError):
     """Text that is not valid, or exceeds a limit. `line` and `column` are 1-based (0: unknown),
     `document` the 1-based YAML document (0: unknown, or JSON); `syntax` names the format of a
     syntax error ("YAML" or "JSON"), empty for a limit or a duplicate key."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kube_network_policies.errors import InputError
 from kube_network_policies.model import (
     ApiObject,
     ValidationError,
@@ -48,7 +49,7 @@ RACY_S = 2.0
 REHASH_ALL_S = 5.0
 
 
-class ManifestError(Exception):
+class ManifestError(InputError):
     """A manifest that cannot be read or holds an invalid object; names the file and document."""
 
 

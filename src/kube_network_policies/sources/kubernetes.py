@@ -50,6 +50,7 @@ import httpx
 import msgspec
 import yaml
 
+from kube_network_policies.errors import KnpError
 from kube_network_policies.model import (
     ApiObject,
     FieldError,
@@ -108,7 +109,7 @@ class ConfigError(SourceError):
     """The API cannot be reached as configured: no in-cluster environment, a bad kubeconfig."""
 
 
-class ApiError(Exception):
+class ApiError(KnpError):
     """The API server answered with an error status."""
 
     def __init__(self, code: int, reason: str, message: str, retry_after: float | None = None) -> None:
@@ -119,7 +120,7 @@ class ApiError(Exception):
         super().__init__(f"HTTP {code}{' ' + reason if reason else ''}: {message}")
 
 
-class Expired(Exception):
+class Expired(KnpError):
     """410 Gone: the resourceVersion (or continue token) is too old; list again."""
 
 
