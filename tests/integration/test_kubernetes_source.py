@@ -34,21 +34,18 @@ import yaml
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.model import parse_object
 from kube_network_policies.sources.base import Change
-from kube_network_policies.sources.kubernetes import (
+from kube_network_policies.sources.informer import BACKOFF_BASE_S, BACKOFF_CAP_S, Informer
+from kube_network_policies.sources.kubeconfig import ApiConfig, kubeconfig_config
+from kube_network_policies.sources.kubernetes import KubernetesSource
+from kube_network_policies.sources.resources import (
     ADMIN_NETWORK_POLICIES,
-    BACKOFF_BASE_S,
-    BACKOFF_CAP_S,
     BASELINE_ADMIN_NETWORK_POLICIES,
     CLUSTER_NETWORK_POLICIES,
     NAMESPACES,
     NETWORK_POLICIES,
     NODES,
     PODS,
-    ApiConfig,
-    Informer,
-    KubernetesSource,
     Resource,
-    kubeconfig_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]

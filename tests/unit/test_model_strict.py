@@ -1,5 +1,5 @@
 """Validation as the API server does it, for files (strict), and leniency for what the API server
-already stored (non-strict: what sources.kubernetes gets): addresses, names, labels, list sizes
+already stored (non-strict: what sources.codecs gets): addresses, names, labels, list sizes
 and unknown fields."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.adminpolicy import UnknownPeer
 from kube_network_policies.model.errors import FieldError
-from kube_network_policies.sources.kubernetes import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, PODS, codec_for
+from kube_network_policies.sources.codecs import codec_for
+from kube_network_policies.sources.resources import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, PODS
 
 
 def pod(ips: list[str] | None = None, **meta: Any) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def test_unknown_fields_are_errors_in_files_with_their_paths() -> None:
 
 def test_unknown_fields_from_the_api_are_accepted() -> None:
     """A newer CRD version may carry fields this agent does not know: a policy from the API
-    server must not be dropped for them (sources.kubernetes parses non-strict)."""
+    server must not be dropped for them (sources.codecs parses non-strict)."""
     obj = anp({"newField": 1, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "newRuleField": {}}]})
     policy = parse_object(obj)
     assert len(policy.ingress) == 1  # type: ignore[union-attr]

@@ -20,7 +20,7 @@ from kube_network_policies.model.networkpolicy import NetworkPolicy, parse_netwo
 ApiObject = Pod | Namespace | Node | NetworkPolicy | AdminNetworkPolicy | BaselineAdminNetworkPolicy | ClusterNetworkPolicy
 
 # (kind) -> (accepted apiVersions, parser). A parser reads non-strict by default (objects from
-# the API server: sources.kubernetes calls these directly); parse_object(strict=True) for files.
+# the API server: sources.codecs calls these directly); parse_object(strict=True) for files.
 PARSERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "Pod": (("v1",), parse_pod),
     "Namespace": (("v1",), parse_namespace),
