@@ -120,8 +120,7 @@ def make_source(config: AgentConfig) -> Source:
     from kube_network_policies.sources.kubeconfig import load_config
     from kube_network_policies.sources.kubernetes import KubernetesSource
 
-    f = config.features
-    return KubernetesSource(load_config(config.kubeconfig), f.admin_network_policy, f.baseline_admin_network_policy, f.cluster_network_policy)
+    return KubernetesSource(load_config(config.kubeconfig), config.features.flags)
 
 
 @dataclass(slots=True)

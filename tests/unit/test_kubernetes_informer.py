@@ -457,11 +457,11 @@ def test_invalid_update_keeps_the_previous_version() -> None:
 
 def test_missing_crd_is_an_api_error_with_a_clear_message() -> None:
     from kube_network_policies.sources.kubeconfig import ApiError
-    from kube_network_policies.sources.resources import ADMIN_NETWORK_POLICIES
+    from kube_network_policies.sources.resources import resource
 
     s = Script()
     s.status(404, "NotFound")
-    inf, _ = informer(s, ADMIN_NETWORK_POLICIES)
+    inf, _ = informer(s, resource("AdminNetworkPolicy"))
     with pytest.raises(ApiError) as err:
         inf._list()
     text = inf._describe(err.value)

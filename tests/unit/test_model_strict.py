@@ -14,7 +14,7 @@ from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.adminpolicy import UnknownPeer
 from kube_network_policies.model.errors import FieldError
 from kube_network_policies.sources.codecs import codec_for
-from kube_network_policies.sources.resources import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, PODS
+from kube_network_policies.sources.resources import NETWORK_POLICIES, PODS, resource
 
 
 def pod(ips: list[str] | None = None, **meta: Any) -> dict[str, Any]:
@@ -212,10 +212,10 @@ def test_unknown_fields_from_the_api_are_accepted() -> None:
     obj = anp({"newField": 1, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "newRuleField": {}}]})
     policy = parse_object(obj)
     assert len(policy.ingress) == 1  # type: ignore[union-attr]
-    key, parsed, _, error = codec_for(ADMIN_NETWORK_POLICIES).item(json.dumps(obj).encode())
+    key, parsed, _, error = codec_for(resource("AdminNetworkPolicy")).item(json.dumps(obj).encode())
     assert error is None and parsed == policy and key == ("AdminNetworkPolicy", "", "a")
     obj2 = cnp({"ingress": [{"action": "Deny", "from": [{"futurePeer": {}}]}]})
-    _, parsed2, _, error2 = codec_for(CLUSTER_NETWORK_POLICIES).item(json.dumps(obj2).encode())
+    _, parsed2, _, error2 = codec_for(resource("ClusterNetworkPolicy")).item(json.dumps(obj2).encode())
     assert error2 is None and isinstance(parsed2.ingress[0].peers[0], UnknownPeer)  # type: ignore[union-attr]
     obj3 = np({"podSelector": {}, "futureSpecField": True}, labels={"odd": "-x"})
     _, parsed3, _, error3 = codec_for(NETWORK_POLICIES).item(json.dumps(obj3).encode())

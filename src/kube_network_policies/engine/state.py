@@ -37,29 +37,41 @@ from kube_network_policies.engine.flow import (
     Tier,
 )
 from kube_network_policies.model import adminpolicy as ap
+from kube_network_policies.model import kinds
 from kube_network_policies.model.core import NAMESPACE_NAME_LABEL, Namespace, Node, Pod
+from kube_network_policies.model.kinds import ApiObject, Role
 from kube_network_policies.model.networkpolicy import NetworkPolicy
-from kube_network_policies.model.parse import ApiObject
 from kube_network_policies.model.selectors import LabelSelector, LabelSet
 
 
 @dataclass(frozen=True, slots=True)
 class Features:
-    """API switches, like the Go agent's flags: the admin APIs are off unless enabled."""
+    """Which kinds the engine enforces, as the agent flags that are on (model.kinds: Kind.flag,
+    the Go agent's names: "admin-network-policy", ...). Kinds without a flag always are; objects
+    of a kind that is off are kept aside in `ClusterState.ignored`."""
 
-    admin_network_policy: bool = False
-    baseline_admin_network_policy: bool = False
-    cluster_network_policy: bool = False
+    flags: frozenset[str] = frozenset()
 
-    def enabled(self, policy: ap.TieredPolicy) -> bool:
-        if isinstance(policy, ap.AdminNetworkPolicy):
-            return self.admin_network_policy
-        if isinstance(policy, ap.BaselineAdminNetworkPolicy):
-            return self.baseline_admin_network_policy
-        return self.cluster_network_policy
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.flags) - set(kinds.flags()))
+        if unknown:
+            raise ValueError(f"unknown feature flag(s) {', '.join(unknown)} (known: {', '.join(kinds.flags())})")
+
+    @classmethod
+    def of(cls, *flags: str) -> Features:
+        return cls(frozenset(flags))
+
+    @classmethod
+    def all(cls) -> Features:
+        """Every kind the registry knows enabled."""
+        return cls(frozenset(kinds.flags()))
+
+    def enabled(self, kind: str) -> bool:
+        """Whether objects of `kind` (a registered kind's name) are enforced."""
+        return kinds.enabled(kinds.require(kind), self.flags)
 
 
-ALL_FEATURES = Features(True, True, True)
+ALL_FEATURES = Features.all()
 
 _NOT_SUBJECT = DirectionResult(True, ())
 
@@ -166,15 +178,8 @@ class ClusterState:
             self._set_tiered(obj)
 
     def _delete(self, kind: str, namespace: str, name: str) -> bool:
-        if kind == "Pod":
-            return self._delete_pod(f"{namespace}/{name}")
-        if kind == "NetworkPolicy":
-            return self._delete_network_policy(("NetworkPolicy", namespace, name))
-        if kind == "Namespace":
-            return self._delete_namespace(name)
-        if kind == "Node":
-            return self._delete_node(name)
-        if kind in ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy"):
+        role = kinds.require(kind).role  # ValueError for a kind the registry does not know
+        if role is Role.TIERED:
             pid = (kind, "", name)
             self.ignored.pop(pid, None)
             old = self._tiered.pop(pid, None)
@@ -183,7 +188,15 @@ class ClusterState:
             self._release_selectors(old.rules)
             self._reselect(self._pods.values(), pid, None)
             return True
-        raise ValueError(f"unsupported kind {kind!r}")
+        if role is Role.NETWORK_POLICY:
+            return self._delete_network_policy((kind, namespace, name))
+        if kind == "Pod":
+            return self._delete_pod(f"{namespace}/{name}")
+        if kind == "Namespace":
+            return self._delete_namespace(name)
+        if kind == "Node":
+            return self._delete_node(name)
+        raise ValueError(f"no engine support for {kind!r}")
 
     # namespaces
 
@@ -384,7 +397,7 @@ class ClusterState:
 
     def _set_tiered(self, policy: ap.TieredPolicy) -> None:
         pid: PolicyId = (policy.kind, "", policy.name)
-        if not self.features.enabled(policy):
+        if not self.features.enabled(policy.kind):
             self.ignored[pid] = f"{policy.kind} support is not enabled"
             return
         compiled = compile_tiered_policy(policy, self.nodes_by_ip)
@@ -436,8 +449,8 @@ class ClusterState:
             self._contribute(e, 1 if plans.managed else -1)
 
     def _build_plans(self, selected: frozenset[PolicyId]) -> Plans:
-        nps = sorted((self._network_policies[p] for p in selected if p[0] == "NetworkPolicy"), key=lambda c: c.id)
-        tiered = sorted((self._tiered[p] for p in selected if p[0] != "NetworkPolicy"), key=lambda c: c.order)
+        nps = sorted((self._network_policies[p] for p in selected if p in self._network_policies), key=lambda c: c.id)
+        tiered = sorted((self._tiered[p] for p in selected if p in self._tiered), key=lambda c: c.order)
         return Plans(self._direction_plan(nps, tiered, "ingress"), self._direction_plan(nps, tiered, "egress"))
 
     @staticmethod

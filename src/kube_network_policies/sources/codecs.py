@@ -20,11 +20,11 @@ from kube_network_policies.model import (
     FieldError,
     Pod,
     ValidationError,
+    kinds,
     object_key,
 )
-from kube_network_policies.model.core import PROTOCOLS, ContainerPort
+from kube_network_policies.model.core import PROTOCOLS, ContainerPort, object_subject, parse_node
 from kube_network_policies.model.ipnet import canonical_address
-from kube_network_policies.model.parse import PARSERS
 from kube_network_policies.model.selectors import LabelSet
 from kube_network_policies.sources.base import Key
 from kube_network_policies.sources.resources import NODES, PODS, Resource
@@ -117,7 +117,8 @@ def _msgspec_error(subject: str, exc: msgspec.ValidationError) -> ValidationErro
 
 
 def _subject(kind: str, namespace: str, name: str) -> str:
-    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name or '<unnamed>'}"
+    """'Pod ns/name' for messages, as the model's parsers name objects."""
+    return object_subject(kind, {"metadata": {"name": name, "namespace": namespace}})
 
 
 def _canonical_ip(text: str) -> str:
@@ -203,6 +204,10 @@ class Codec:
 
     def __init__(self, resource: Resource) -> None:
         self.resource = resource
+        version = kinds.require(resource.kind).version(resource.api_version)
+        if version is None:
+            raise ValueError(f"{resource.kind} {resource.api_version} is not a registered version")
+        self._parse = version.parse  # non-strict: the API server validated what it stored
         self._holder = msgspec.json.Decoder(_Holder)
         self._raw_list = msgspec.json.Decoder(_RawList)
 
@@ -230,7 +235,7 @@ class Codec:
         rv = meta.get("resourceVersion")
         rv = rv if isinstance(rv, str) else ""
         try:
-            parsed: ApiObject = PARSERS[r.kind][1](obj)
+            parsed: ApiObject = self._parse(obj)
         except ValidationError as exc:
             name, ns = meta.get("name"), meta.get("namespace")
             key = (
@@ -309,7 +314,7 @@ class NodeCodec(Codec):
             "status": {"addresses": [{"type": a.type, "address": a.address} for a in n.status.addresses or ()]},
         }
         try:
-            node = PARSERS["Node"][1](slim)
+            node = parse_node(slim)
         except ValidationError as exc:
             return (("Node", "", n.metadata.name) if n.metadata.name else None), None, n.metadata.resourceVersion, exc
         return ("Node", "", node.name), node, n.metadata.resourceVersion, None

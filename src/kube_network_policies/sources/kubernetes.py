@@ -31,9 +31,7 @@ class KubernetesSource:
     """
 
     config: ApiConfig
-    admin_network_policy: bool = False
-    baseline_admin_network_policy: bool = False
-    cluster_network_policy: bool = False
+    flags: frozenset[str] = frozenset()  # the agent flags that are on: kinds they enable are watched too
     transport_factory: Callable[[], httpx.BaseTransport] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     informers: list[Informer] = field(init=False, default_factory=list)
@@ -46,7 +44,7 @@ class KubernetesSource:
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._closed = False
-        for r in resources_for(self.admin_network_policy, self.baseline_admin_network_policy, self.cluster_network_policy):
+        for r in resources_for(self.flags):
             transport = self.transport_factory() if self.transport_factory else None
             self.informers.append(Informer(self.config, r, self._emit, transport=transport, **self.options))
 
