@@ -281,6 +281,9 @@ class CompiledTieredPolicy:
     order: tuple[int, int, str, int]  # sort key within the tier: (group, priority, name, kind)
     ingress: tuple[Rule, ...]
     egress: tuple[Rule, ...]
+    # Whether a rule reads runtime facts (engine/facts.py): domainNames peers will, once they
+    # match the names pods resolved; today they match nothing and no rule does.
+    consults_facts: bool = False
 
     def selects(self, entry: PodEntry) -> bool:
         s = self.policy.subject

@@ -25,6 +25,7 @@ from kube_network_policies.engine.compiled import (
     compile_tiered_policy,
     named_ports,
 )
+from kube_network_policies.engine.facts import Fact, FactKey, FactListener, FactStore
 from kube_network_policies.engine.flow import (
     SCTP,
     TCP,
@@ -111,6 +112,7 @@ class ClusterState:
         self._next_group = 0
         self._dead_groups: set[int] = set()
         self._selectors: dict[tuple[str | None, LabelSelector | None, LabelSelector | None], PodSelectorPeer] = {}
+        self._facts = FactStore()
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -151,6 +153,46 @@ class ClusterState:
     def add_listener(self, listener: ManagedListener) -> None:
         """`listener(node)` is called whenever the managed IPs of `node` change."""
         self._listeners.append(listener)
+
+    # ---- runtime facts ---------------------------------------------------------------------
+    # The one way in for what is learned at run time (engine/facts.py): the caller owns the I/O
+    # and the clock and passes `now`. evaluate() reads facts only through rules that consult
+    # them; while `uses_facts` is False no verdict depends on any fact.
+
+    def learn(self, fact: Fact, now: float) -> bool:
+        """Store a fact about a pod the state holds, replacing its fact of the same key. False
+        when nothing changed: an unknown pod (nothing is kept for addresses no pod owns), an
+        expired fact, or the same fact again."""
+        if fact.pod not in self._pods:
+            return False
+        return self._facts.learn(fact, now)
+
+    def forget(self, pod: str, key: FactKey | None = None) -> int:
+        """Remove one fact of a pod ("namespace/name"), or all of them; how many were removed."""
+        return self._facts.forget(pod, key)
+
+    def expire_facts(self, now: float) -> int:
+        """Remove every fact no longer valid at `now`; how many. (Expired facts are never read,
+        whether or not this ran: this only frees them and tells the listeners.)"""
+        return self._facts.expire(now)
+
+    def fact(self, pod: str, key: FactKey, now: float) -> Fact | None:
+        return self._facts.get(pod, key, now)
+
+    def facts(self, pod: str, now: float) -> tuple[Fact, ...]:
+        return self._facts.of_pod(pod, now)
+
+    def add_fact_listener(self, listener: FactListener) -> None:
+        """`listener(change)` is called for every change of the stored facts (learned, replaced,
+        forgotten, expired, evicted, or gone with the pod). A change can alter a verdict only
+        while `uses_facts`: the agent need not flush its accept cache otherwise."""
+        self._facts.add_listener(listener)
+
+    @property
+    def uses_facts(self) -> bool:
+        """Whether a policy in force consults runtime facts (none does yet: domainNames peers
+        match nothing)."""
+        return any(c.consults_facts for c in self._tiered.values())
 
     # ---- changes ---------------------------------------------------------------------------
 
@@ -272,6 +314,7 @@ class ClusterState:
         if entry is None:
             return False
         self._unindex_pod(entry)
+        self._facts.forget(key)  # an update keeps them; a pod of that name created later starts afresh
         return True
 
     def _unindex_pod(self, entry: PodEntry) -> None:
