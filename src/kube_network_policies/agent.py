@@ -120,10 +120,10 @@ def make_source(config: AgentConfig) -> Source:
     """The manifest files when given, else the Kubernetes API (raises SourceError)."""
     if config.manifests:
         return ManifestSource(list(config.manifests))
-    from kube_network_policies.sources.kubernetes import KubernetesSource, load_config
+    from kube_network_policies.sources.kubeconfig import load_config
+    from kube_network_policies.sources.kubernetes import KubernetesSource
 
-    f = config.features
-    return KubernetesSource(load_config(config.kubeconfig), f.admin_network_policy, f.baseline_admin_network_policy, f.cluster_network_policy)
+    return KubernetesSource(load_config(config.kubeconfig), config.features.flags)
 
 
 @dataclass(slots=True)

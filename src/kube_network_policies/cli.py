@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kube_network_policies.engine import Features
 
 EXIT_USAGE = 2
 
@@ -18,9 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="kube-network-policies", description="Kubernetes network policy agent: NetworkPolicy, AdminNetworkPolicy, ClusterNetworkPolicy."
-    )
+    from kube_network_policies.model import kinds
+
+    policies = ", ".join(k.name for k in kinds.all_kinds() if k.is_policy)
+    parser = _Parser(prog="kube-network-policies", description=f"Kubernetes network policy agent: {policies}.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ex = sub.add_parser("explain", help="explain whether a connection is allowed by policies in manifest files, and why")
@@ -138,15 +143,15 @@ def _count(text: str) -> int:
 
 
 def add_agent_flags(p: argparse.ArgumentParser) -> None:
-    """The flags the Go agent has, with its names; single- and double-dash spellings both work."""
-    for name, help_text in (
-        ("fail-open", "accept packets when the agent cannot judge them (no listener, full queue, internal error)"),
-        ("admin-network-policy", "enforce AdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
-        ("baseline-admin-network-policy", "enforce BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1)"),
-        ("cluster-network-policy", "enforce ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2)"),
-    ):
+    """The flags the Go agent has, with its names; single- and double-dash spellings both work.
+    The flags that enable policy kinds come from the kind registry (model.kinds)."""
+    from kube_network_policies.model import kinds
+
+    switches = [("fail-open", "accept packets when the agent cannot judge them (no listener, full queue, internal error)")]
+    switches += [(flag, kinds.flag_help(flag)) for flag in kinds.flags()]
+    for name, help_text in switches:
         p.add_argument(
-            f"-{name}", f"--{name}", dest=name.replace("-", "_"), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text
+            f"-{name}", f"--{name}", dest=flag_dest(name), nargs="?", const=True, default=False, type=_bool, metavar="BOOL", help=help_text
         )
     p.add_argument("-nfqueue-id", "--nfqueue-id", dest="nfqueue_id", type=_queue, default=100, metavar="N", help="first NFQUEUE number (default 100)")
     p.add_argument(
@@ -199,6 +204,19 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
         help="show diverted pod IPs and error texts on /statusz, to whoever reaches the metrics address (default false)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def flag_dest(flag: str) -> str:
+    """The argparse attribute of a flag: admin-network-policy -> admin_network_policy."""
+    return flag.replace("-", "_")
+
+
+def features_from_args(args: argparse.Namespace) -> Features:
+    """The kinds the `run` flags enable."""
+    from kube_network_policies.engine import Features
+    from kube_network_policies.model import kinds
+
+    return Features(frozenset(flag for flag in kinds.flags() if getattr(args, flag_dest(flag))))
 
 
 def _port(text: str) -> int:
@@ -311,7 +329,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import socket
 
     from kube_network_policies.agent import AgentConfig, run_agent
-    from kube_network_policies.engine import Features
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.manifests and args.kubeconfig:
@@ -321,7 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = AgentConfig(
         manifests=tuple(args.manifests or ()),
         node=node,
-        features=Features(args.admin_network_policy, args.baseline_admin_network_policy, args.cluster_network_policy),
+        features=features_from_args(args),
         fail_open=args.fail_open,
         queue_id=args.nfqueue_id,
         queue_count=args.nfqueue_count,

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from kube_network_policies.engine import ClusterState, Decision, DirectionResult, Features, Flow
 from kube_network_policies.errors import InputError
-from kube_network_policies.model import ApiObject
-from kube_network_policies.model.adminpolicy import AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy
+from kube_network_policies.model import ApiObject, kinds
 from kube_network_policies.model.ipnet import canonical_address
 
 
@@ -25,12 +24,8 @@ class Endpoint:
 
 
 def features_for_objects(objects: list[ApiObject], base: Features) -> Features:
-    """Enable the admin APIs whose objects the user handed over: explaining them is the point."""
-    return Features(
-        admin_network_policy=base.admin_network_policy or any(isinstance(o, AdminNetworkPolicy) for o in objects),
-        baseline_admin_network_policy=base.baseline_admin_network_policy or any(isinstance(o, BaselineAdminNetworkPolicy) for o in objects),
-        cluster_network_policy=base.cluster_network_policy or any(isinstance(o, ClusterNetworkPolicy) for o in objects),
-    )
+    """Enable the kinds whose objects the user handed over: explaining them is the point."""
+    return Features(base.flags | {flag for o in objects if (flag := kinds.of(o).flag)})
 
 
 def resolve(state: ClusterState, text: str, role: str) -> Endpoint:

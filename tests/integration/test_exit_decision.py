@@ -24,7 +24,7 @@ from kube_network_policies.dataplane.nftables import TABLE
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.lab.netns_mode import AgentProcess
 from kube_network_policies.sources.daemonset import exit_decision, node_selected
-from kube_network_policies.sources.kubernetes import load_config
+from kube_network_policies.sources.kubeconfig import load_config
 
 NS = "kube-system"
 

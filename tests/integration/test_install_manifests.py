@@ -4,8 +4,8 @@ Against the real test API server: every object passes a server-side dry run with
 validation (a misspelt field fails), and the RBAC, created for a throw-away service account,
 lets it read exactly what the agent reads and nothing else (SubjectAccessReview). Without it:
 the DaemonSet's flags parse with our CLI and fit the file's purpose, the ClusterRole is
-read-only on exactly the kinds the agent's sources decode (model.parse.PARSERS, less the admin
-APIs the file leaves off), compared with the Go agent's manifests; probes, capabilities,
+read-only on exactly the kinds the agent's sources watch (the kind registry, model.kinds, less
+the kinds whose flags the file leaves off), compared with the Go agent's manifests; probes, capabilities,
 tolerations and the image agree with the Dockerfile.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kube_network_policies.cli import build_parser
+from kube_network_policies.cli import build_parser, flag_dest
 from kube_network_policies.lab.controlplane import ControlPlane
-from kube_network_policies.model.parse import PARSERS
+from kube_network_policies.model import kinds as registry
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "kube-system"
@@ -33,14 +33,10 @@ IMAGE = "registry.k8s.io/networking/kube-network-policies-python:v0.1.0"
 READ_VERBS = frozenset({"get", "list", "watch"})
 METRICS_PORT = 9080
 
-# The admin-policy kinds, each behind the `run` flag (argparse dest) that enables it.
-FLAG_KINDS = {
-    "admin_network_policy": "AdminNetworkPolicy",
-    "baseline_admin_network_policy": "BaselineAdminNetworkPolicy",
-    "cluster_network_policy": "ClusterNetworkPolicy",
-}
-# What the agent always reads: every kind it decodes except the switchable ones.
-BASE_KINDS = frozenset(PARSERS) - set(FLAG_KINDS.values())
+# The switchable kinds, by the `run` flag (argparse dest) that enables them (model.kinds).
+FLAG_KINDS = {flag_dest(f): frozenset(k.name for k in registry.kinds_of_flag(f)) for f in registry.flags()}
+# What the agent always reads: the kinds without a flag.
+BASE_KINDS = frozenset(k.name for k in registry.all_kinds() if not k.flag)
 
 # file -> (the flags it turns on, the NFQUEUE number of the Go agent's manifest of that name)
 MANIFESTS: dict[str, tuple[frozenset[str], int]] = {
@@ -287,8 +283,9 @@ def kube_system(controlplane: ControlPlane) -> str:
 @params
 def test_cluster_role_is_read_only_on_what_the_agent_reads(manifest: str, api: Discovery) -> None:
     flags, _ = MANIFESTS[manifest]
-    kinds = BASE_KINDS | {FLAG_KINDS[f] for f in flags}
-    expected = {api.resource(PARSERS[k][0][0], k)[:2] for k in kinds}
+    kinds = BASE_KINDS.union(*(FLAG_KINDS[f] for f in flags))
+    # Each at the version the Kubernetes source watches.
+    expected = {api.resource(registry.require(k).api_version(registry.require(k).watched.version), k)[:2] for k in kinds}
     ours = read_rules(manifest)
     assert ours == expected
     go = GO_RESOURCES[manifest]
@@ -405,9 +402,7 @@ def test_rbac_grants_exactly_reading(installed_rbac: str, request: pytest.Fixtur
         ("", "configmaps"),
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
-        ("policy.networking.k8s.io", "adminnetworkpolicies"),
-        ("policy.networking.k8s.io", "baselineadminnetworkpolicies"),
-        ("policy.networking.k8s.io", "clusternetworkpolicies"),
+        *((k.group, k.plural) for k in registry.all_kinds() if k.flag),  # the switchable kinds the file leaves off
     } - readable
     for group, resource in sorted(others):
         assert not allowed(controlplane, user, group, resource, "list"), (group, resource)

@@ -33,29 +33,25 @@ import yaml
 
 import builders  # tests/builders.py
 from kube_network_policies.dataplane.netns import entered
+from kube_network_policies.engine import Features
 from kube_network_policies.lab.controlplane import ControlPlane
 from kube_network_policies.model import parse_object
 from kube_network_policies.sources.base import Change
-from kube_network_policies.sources.kubernetes import (
-    ADMIN_NETWORK_POLICIES,
-    BACKOFF_BASE_S,
-    BACKOFF_CAP_S,
-    BASELINE_ADMIN_NETWORK_POLICIES,
-    CLUSTER_NETWORK_POLICIES,
+from kube_network_policies.sources.informer import BACKOFF_BASE_S, BACKOFF_CAP_S, Informer
+from kube_network_policies.sources.kubeconfig import ApiConfig, kubeconfig_config
+from kube_network_policies.sources.kubernetes import KubernetesSource
+from kube_network_policies.sources.resources import (
     NAMESPACES,
     NETWORK_POLICIES,
     NODES,
     PODS,
-    ApiConfig,
-    Informer,
-    KubernetesSource,
     Resource,
-    kubeconfig_config,
+    resources_for,
 )
 from skips import require_root
 
 REPO = Path(__file__).resolve().parents[2]
-ALL = [NAMESPACES, NODES, PODS, NETWORK_POLICIES, ADMIN_NETWORK_POLICIES, BASELINE_ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES]
+ALL = resources_for(Features.all().flags)
 CORE = [NAMESPACES, NODES, PODS, NETWORK_POLICIES]
 FAST = {"backoff_base": 0.1, "backoff_cap": 1.0}  # informer options: quick retries in tests
 
@@ -127,7 +123,7 @@ def api_objects(cp: ControlPlane, resource: Resource, namespace: str | None = No
         path = path.replace(f"/{resource.plural}", f"/namespaces/{namespace}/{resource.plural}")
     out = {}
     for item in ok(cp, "GET", path)["items"]:
-        obj = parse_object({**item, "kind": resource.kind, "apiVersion": f"{resource.group + '/' if resource.group else ''}{resource.version}"})
+        obj = parse_object({**item, "kind": resource.kind, "apiVersion": resource.api_version})
         out[(resource.kind, getattr(obj, "namespace", ""), obj.name)] = obj
     return out
 
@@ -621,10 +617,10 @@ def test_missing_crd_is_an_error_and_a_retry_until_it_is_installed(
         while cp.request("GET", ANP_PATH)[0] != 404:
             assert time.monotonic() < deadline, "the CRD was not removed"
             time.sleep(0.2)
-        source = KubernetesSource(config, admin_network_policy=True, options={**FAST, "backoff_cap": 0.5})
+        source = KubernetesSource(config, frozenset({"admin-network-policy"}), options={**FAST, "backoff_cap": 0.5})
         source.start()
         try:
-            anp = next(i for i in source.informers if i.resource is ADMIN_NETWORK_POLICIES)
+            anp = next(i for i in source.informers if i.resource.kind == "AdminNetworkPolicy")
             deadline = time.monotonic() + 20
             while not (all(i.synced for i in source.informers if i is not anp) and anp.counters["errors"] >= 3):
                 assert time.monotonic() < deadline, source.status()

@@ -54,7 +54,7 @@ def test_lab_up_serves_kubectl_style_clients_and_down_removes_it(lab_env: dict[s
         kubeconfig = Path(state["kubeconfig"])
         assert kubeconfig.exists()
         # A client using the printed kubeconfig sees the demo's pods, with the IPs the lab gave them.
-        from kube_network_policies.sources.kubernetes import load_config
+        from kube_network_policies.sources.kubeconfig import load_config
 
         config = load_config(str(kubeconfig))
         with config.client() as client:

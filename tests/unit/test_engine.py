@@ -231,7 +231,7 @@ def test_features_off_ignore_admin_policies() -> None:
     s = build(*BASE, deny, features=Features())
     assert allowed(s, "10.0.0.1", "10.0.0.2")
     assert ("AdminNetworkPolicy", "", "deny") in s.ignored
-    s = build(*BASE, deny, features=Features(admin_network_policy=True))
+    s = build(*BASE, deny, features=Features.of("admin-network-policy"))
     assert not allowed(s, "10.0.0.1", "10.0.0.2")
 
 

@@ -23,21 +23,10 @@ import builders  # tests/builders.py
 from kube_network_policies.model import LabelSet, Namespace, Pod, ValidationError
 from kube_network_policies.model.core import parse_pod
 from kube_network_policies.sources.base import Change
-from kube_network_policies.sources.kubernetes import (
-    NAMESPACES,
-    PODS,
-    ApiConfig,
-    ConfigError,
-    ExecAuth,
-    Expired,
-    Informer,
-    PodCodec,
-    Resource,
-    _Pod,
-    backoff_delay,
-    kubeconfig_config,
-    pod_from_struct,
-)
+from kube_network_policies.sources.codecs import PodCodec, _Pod, pod_from_struct
+from kube_network_policies.sources.informer import Expired, Informer, backoff_delay
+from kube_network_policies.sources.kubeconfig import ApiConfig, ConfigError, ExecAuth, kubeconfig_config
+from kube_network_policies.sources.resources import NAMESPACES, PODS, Resource
 
 BASE_POD: dict[str, Any] = {
     "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "7", "labels": {"app": "web", "tier": "front"}, "uid": "u"},
@@ -464,14 +453,12 @@ def test_invalid_update_keeps_the_previous_version() -> None:
 
 
 def test_missing_crd_is_an_api_error_with_a_clear_message() -> None:
-    from kube_network_policies.sources.kubernetes import (
-        ADMIN_NETWORK_POLICIES,
-        ApiError,
-    )
+    from kube_network_policies.sources.kubeconfig import ApiError
+    from kube_network_policies.sources.resources import resource
 
     s = Script()
     s.status(404, "NotFound")
-    inf, _ = informer(s, ADMIN_NETWORK_POLICIES)
+    inf, _ = informer(s, resource("AdminNetworkPolicy"))
     with pytest.raises(ApiError) as err:
         inf._list()
     text = inf._describe(err.value)
@@ -489,7 +476,7 @@ def test_namespace_change_is_typed() -> None:
 
 
 def test_in_cluster_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kube_network_policies.sources.kubernetes import in_cluster_config
+    from kube_network_policies.sources.kubeconfig import in_cluster_config
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigError, match="not running in a Kubernetes pod"):
@@ -507,7 +494,8 @@ def test_in_cluster_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_node_decoding_matches_the_model_parser() -> None:
     from kube_network_policies.model.core import parse_node
-    from kube_network_policies.sources.kubernetes import NODES, codec_for
+    from kube_network_policies.sources.codecs import codec_for
+    from kube_network_policies.sources.resources import NODES
 
     raw = {
         "metadata": {"name": "n1", "resourceVersion": "4", "labels": {"zone": "a"}, "annotations": {"x": "y"}},

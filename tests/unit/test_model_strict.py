@@ -1,5 +1,5 @@
 """Validation as the API server does it, for files (strict), and leniency for what the API server
-already stored (non-strict: what sources.kubernetes gets): addresses, names, labels, list sizes
+already stored (non-strict: what sources.codecs gets): addresses, names, labels, list sizes
 and unknown fields."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import builders  # tests/builders.py
 from kube_network_policies.model import ValidationError, parse_object
 from kube_network_policies.model.adminpolicy import UnknownPeer
 from kube_network_policies.model.errors import FieldError
-from kube_network_policies.sources.kubernetes import ADMIN_NETWORK_POLICIES, CLUSTER_NETWORK_POLICIES, NETWORK_POLICIES, PODS, codec_for
+from kube_network_policies.sources.codecs import codec_for
+from kube_network_policies.sources.resources import NETWORK_POLICIES, PODS, resource
 
 
 def pod(ips: list[str] | None = None, **meta: Any) -> dict[str, Any]:
@@ -205,14 +206,14 @@ def test_unknown_fields_are_errors_in_files_with_their_paths() -> None:
 
 def test_unknown_fields_from_the_api_are_accepted() -> None:
     """A newer CRD version may carry fields this agent does not know: a policy from the API
-    server must not be dropped for them (sources.kubernetes parses non-strict)."""
+    server must not be dropped for them (sources.codecs parses non-strict)."""
     obj = anp({"newField": 1, "ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "newRuleField": {}}]})
     policy = parse_object(obj)
     assert len(policy.ingress) == 1  # type: ignore[union-attr]
-    key, parsed, _, error = codec_for(ADMIN_NETWORK_POLICIES).item(json.dumps(obj).encode())
+    key, parsed, _, error = codec_for(resource("AdminNetworkPolicy")).item(json.dumps(obj).encode())
     assert error is None and parsed == policy and key == ("AdminNetworkPolicy", "", "a")
     obj2 = cnp({"ingress": [{"action": "Deny", "from": [{"futurePeer": {}}]}]})
-    _, parsed2, _, error2 = codec_for(CLUSTER_NETWORK_POLICIES).item(json.dumps(obj2).encode())
+    _, parsed2, _, error2 = codec_for(resource("ClusterNetworkPolicy")).item(json.dumps(obj2).encode())
     assert error2 is None and isinstance(parsed2.ingress[0].peers[0], UnknownPeer)  # type: ignore[union-attr]
     obj3 = np({"podSelector": {}, "futureSpecField": True}, labels={"odd": "-x"})
     _, parsed3, _, error3 = codec_for(NETWORK_POLICIES).item(json.dumps(obj3).encode())

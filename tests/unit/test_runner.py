@@ -101,6 +101,19 @@ def test_scenario_errors_name_fields(tmp_path: Path) -> None:
     assert "address 10.0.0.1 of pod x/b is already used by pod x/a" in msg
 
 
+def test_delete_of_an_unknown_kind_is_a_scenario_error(tmp_path: Path) -> None:
+    """Deletes name kinds the registry knows, with a namespace where the kind has one: caught
+    when the file loads, not when the engine is asked to delete it."""
+    text = GOOD.replace(
+        "    probes:", "    delete:\n      - {kind: Service, namespace: x, name: web}\n      - {kind: NetworkPolicy, name: deny}\n    probes:"
+    )
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(write(tmp_path, "s.yaml", text))
+    msg = str(exc.value)
+    assert "steps[0].delete[0].kind: unsupported kind 'Service' (expected one of Namespace, Node, Pod, NetworkPolicy" in msg
+    assert "steps[0].delete[1].namespace: required for a NetworkPolicy" in msg
+
+
 def test_duplicate_names_and_empty_directory(tmp_path: Path) -> None:
     write(tmp_path, "one.yaml", GOOD)
     write(tmp_path, "two.yaml", GOOD)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from kube_network_policies.engine.flow import SCTP, TCP, UDP, Action, DirectionResult, Reason, Tier
 from kube_network_policies.model import adminpolicy as ap
+from kube_network_policies.model import kinds
 from kube_network_policies.model.core import Pod
 from kube_network_policies.model.ipnet import IPBlock
 from kube_network_policies.model.networkpolicy import EGRESS, INGRESS, IPBlockPeer, NetworkPolicy, NetworkPolicyPort
@@ -266,10 +267,9 @@ def compile_network_policy(policy: NetworkPolicy) -> CompiledNetworkPolicy:
             )
         return tuple(out)
 
-    return CompiledNetworkPolicy(("NetworkPolicy", policy.namespace, policy.name), policy, rules(INGRESS), rules(EGRESS))
+    return CompiledNetworkPolicy(kinds.key(policy), policy, rules(INGRESS), rules(EGRESS))
 
 
-SHORT_KIND = {"AdminNetworkPolicy": "anp", "BaselineAdminNetworkPolicy": "banp", "ClusterNetworkPolicy": "cnp"}
 _ACTION = {ap.ALLOW: Action.ALLOW, ap.DENY: Action.DENY, ap.PASS: Action.PASS}
 
 
@@ -281,6 +281,9 @@ class CompiledTieredPolicy:
     order: tuple[int, int, str, int]  # sort key within the tier: (group, priority, name, kind)
     ingress: tuple[Rule, ...]
     egress: tuple[Rule, ...]
+    # Whether a rule reads runtime facts (engine/facts.py): domainNames peers will, once they
+    # match the names pods resolved; today they match nothing and no rule does.
+    consults_facts: bool = False
 
     def selects(self, entry: PodEntry) -> bool:
         s = self.policy.subject
@@ -292,15 +295,17 @@ class CompiledTieredPolicy:
 
 
 def compile_tiered_policy(policy: ap.TieredPolicy, nodes_by_ip: dict[bytes, LabelSet]) -> CompiledTieredPolicy:
-    kind = policy.kind
-    short = SHORT_KIND[kind]
+    kind = kinds.of(policy)
+    short = kind.short
     tier = Tier.ADMIN if policy.tier == ap.ADMIN_TIER else Tier.BASELINE
-    if isinstance(policy, ap.BaselineAdminNetworkPolicy):
-        # It has no priority: the singleton baseline comes after every Baseline-tier
-        # ClusterNetworkPolicy (the newer API's policies are the more specific ones).
+    priority: int | None = getattr(policy, "priority", None)
+    if priority is None:
+        # BaselineAdminNetworkPolicy has no priority: the singleton baseline comes after every
+        # Baseline-tier ClusterNetworkPolicy (the newer API's policies are the more specific ones).
         order = (1, 0, policy.name, 0)
     else:
-        order = (0, policy.priority, policy.name, 0 if kind == "AdminNetworkPolicy" else 1)
+        # At equal priority and name, the kind registered first (AdminNetworkPolicy) goes first.
+        order = (0, priority, policy.name, kinds.rank(kind.name))
 
     def rules(raw: tuple[ap.AdminRule, ...]) -> tuple[Rule, ...]:
         out = []
@@ -333,7 +338,7 @@ def compile_tiered_policy(policy: ap.TieredPolicy, nodes_by_ip: dict[bytes, Labe
             )
         return tuple(out)
 
-    return CompiledTieredPolicy((kind, "", policy.name), policy, tier, order, rules(policy.ingress), rules(policy.egress))
+    return CompiledTieredPolicy((kind.name, "", policy.name), policy, tier, order, rules(policy.ingress), rules(policy.egress))
 
 
 def named_ports(pod: Pod) -> frozenset[tuple[str, int, int]]:

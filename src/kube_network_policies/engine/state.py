@@ -25,6 +25,7 @@ from kube_network_policies.engine.compiled import (
     compile_tiered_policy,
     named_ports,
 )
+from kube_network_policies.engine.facts import Fact, FactKey, FactListener, FactStore
 from kube_network_policies.engine.flow import (
     SCTP,
     TCP,
@@ -37,29 +38,41 @@ from kube_network_policies.engine.flow import (
     Tier,
 )
 from kube_network_policies.model import adminpolicy as ap
+from kube_network_policies.model import kinds
 from kube_network_policies.model.core import NAMESPACE_NAME_LABEL, Namespace, Node, Pod
+from kube_network_policies.model.kinds import ApiObject, Role
 from kube_network_policies.model.networkpolicy import NetworkPolicy
-from kube_network_policies.model.parse import ApiObject
 from kube_network_policies.model.selectors import LabelSelector, LabelSet
 
 
 @dataclass(frozen=True, slots=True)
 class Features:
-    """API switches, like the Go agent's flags: the admin APIs are off unless enabled."""
+    """Which kinds the engine enforces, as the agent flags that are on (model.kinds: Kind.flag,
+    the Go agent's names: "admin-network-policy", ...). Kinds without a flag always are; objects
+    of a kind that is off are kept aside in `ClusterState.ignored`."""
 
-    admin_network_policy: bool = False
-    baseline_admin_network_policy: bool = False
-    cluster_network_policy: bool = False
+    flags: frozenset[str] = frozenset()
 
-    def enabled(self, policy: ap.TieredPolicy) -> bool:
-        if isinstance(policy, ap.AdminNetworkPolicy):
-            return self.admin_network_policy
-        if isinstance(policy, ap.BaselineAdminNetworkPolicy):
-            return self.baseline_admin_network_policy
-        return self.cluster_network_policy
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.flags) - set(kinds.flags()))
+        if unknown:
+            raise ValueError(f"unknown feature flag(s) {', '.join(unknown)} (known: {', '.join(kinds.flags())})")
+
+    @classmethod
+    def of(cls, *flags: str) -> Features:
+        return cls(frozenset(flags))
+
+    @classmethod
+    def all(cls) -> Features:
+        """Every kind the registry knows enabled."""
+        return cls(frozenset(kinds.flags()))
+
+    def enabled(self, kind: str) -> bool:
+        """Whether objects of `kind` (a registered kind's name) are enforced."""
+        return kinds.enabled(kinds.require(kind), self.flags)
 
 
-ALL_FEATURES = Features(True, True, True)
+ALL_FEATURES = Features.all()
 
 _NOT_SUBJECT = DirectionResult(True, ())
 
@@ -99,6 +112,7 @@ class ClusterState:
         self._next_group = 0
         self._dead_groups: set[int] = set()
         self._selectors: dict[tuple[str | None, LabelSelector | None, LabelSelector | None], PodSelectorPeer] = {}
+        self._facts = FactStore()
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -127,6 +141,46 @@ class ClusterState:
         """`listener(node)` is called whenever the managed IPs of `node` change."""
         self._listeners.append(listener)
 
+    # ---- runtime facts ---------------------------------------------------------------------
+    # The one way in for what is learned at run time (engine/facts.py): the caller owns the I/O
+    # and the clock and passes `now`. evaluate() reads facts only through rules that consult
+    # them; while `uses_facts` is False no verdict depends on any fact.
+
+    def learn(self, fact: Fact, now: float) -> bool:
+        """Store a fact about a pod the state holds, replacing its fact of the same key. False
+        when nothing changed: an unknown pod (nothing is kept for addresses no pod owns), an
+        expired fact, or the same fact again."""
+        if fact.pod not in self._pods:
+            return False
+        return self._facts.learn(fact, now)
+
+    def forget(self, pod: str, key: FactKey | None = None) -> int:
+        """Remove one fact of a pod ("namespace/name"), or all of them; how many were removed."""
+        return self._facts.forget(pod, key)
+
+    def expire_facts(self, now: float) -> int:
+        """Remove every fact no longer valid at `now`; how many. (Expired facts are never read,
+        whether or not this ran: this only frees them and tells the listeners.)"""
+        return self._facts.expire(now)
+
+    def fact(self, pod: str, key: FactKey, now: float) -> Fact | None:
+        return self._facts.get(pod, key, now)
+
+    def facts(self, pod: str, now: float) -> tuple[Fact, ...]:
+        return self._facts.of_pod(pod, now)
+
+    def add_fact_listener(self, listener: FactListener) -> None:
+        """`listener(change)` is called for every change of the stored facts (learned, replaced,
+        forgotten, expired, evicted, or gone with the pod). A change can alter a verdict only
+        while `uses_facts`: the agent need not flush its accept cache otherwise."""
+        self._facts.add_listener(listener)
+
+    @property
+    def uses_facts(self) -> bool:
+        """Whether a policy in force consults runtime facts (none does yet: domainNames peers
+        match nothing)."""
+        return any(c.consults_facts for c in self._tiered.values())
+
     # ---- changes ---------------------------------------------------------------------------
 
     def apply(self, obj: ApiObject) -> None:
@@ -153,15 +207,8 @@ class ClusterState:
             self._set_tiered(obj)
 
     def _delete(self, kind: str, namespace: str, name: str) -> bool:
-        if kind == "Pod":
-            return self._delete_pod(f"{namespace}/{name}")
-        if kind == "NetworkPolicy":
-            return self._delete_network_policy(("NetworkPolicy", namespace, name))
-        if kind == "Namespace":
-            return self._delete_namespace(name)
-        if kind == "Node":
-            return self._delete_node(name)
-        if kind in ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy"):
+        role = kinds.require(kind).role  # ValueError for a kind the registry does not know
+        if role is Role.TIERED:
             pid = (kind, "", name)
             self.ignored.pop(pid, None)
             old = self._tiered.pop(pid, None)
@@ -170,7 +217,15 @@ class ClusterState:
             self._release_selectors(old.rules)
             self._reselect(self._pods.values(), pid, None)
             return True
-        raise ValueError(f"unsupported kind {kind!r}")
+        if role is Role.NETWORK_POLICY:
+            return self._delete_network_policy((kind, namespace, name))
+        if kind == "Pod":
+            return self._delete_pod(f"{namespace}/{name}")
+        if kind == "Namespace":
+            return self._delete_namespace(name)
+        if kind == "Node":
+            return self._delete_node(name)
+        raise ValueError(f"no engine support for {kind!r}")
 
     # namespaces
 
@@ -246,6 +301,7 @@ class ClusterState:
         if entry is None:
             return False
         self._unindex_pod(entry)
+        self._facts.forget(key)  # an update keeps them; a pod of that name created later starts afresh
         return True
 
     def _unindex_pod(self, entry: PodEntry) -> None:
@@ -371,7 +427,7 @@ class ClusterState:
 
     def _set_tiered(self, policy: ap.TieredPolicy) -> None:
         pid: PolicyId = (policy.kind, "", policy.name)
-        if not self.features.enabled(policy):
+        if not self.features.enabled(policy.kind):
             self.ignored[pid] = f"{policy.kind} support is not enabled"
             return
         compiled = compile_tiered_policy(policy, self.nodes_by_ip)
@@ -423,8 +479,8 @@ class ClusterState:
             self._contribute(e, 1 if plans.managed else -1)
 
     def _build_plans(self, selected: frozenset[PolicyId]) -> Plans:
-        nps = sorted((self._network_policies[p] for p in selected if p[0] == "NetworkPolicy"), key=lambda c: c.id)
-        tiered = sorted((self._tiered[p] for p in selected if p[0] != "NetworkPolicy"), key=lambda c: c.order)
+        nps = sorted((self._network_policies[p] for p in selected if p in self._network_policies), key=lambda c: c.id)
+        tiered = sorted((self._tiered[p] for p in selected if p in self._tiered), key=lambda c: c.order)
         return Plans(self._direction_plan(nps, tiered, "ingress"), self._direction_plan(nps, tiered, "egress"))
 
     @staticmethod

@@ -37,6 +37,8 @@ from kube_network_policies.lab.probe import Prober
 from kube_network_policies.lab.runner import ScenarioCluster, StepChanges
 from kube_network_policies.lab.scenario import Scenario
 from kube_network_policies.lab.topology import Topology
+from kube_network_policies.model import kinds
+from kube_network_policies.sources.resources import resource
 
 REPO = Path(__file__).resolve().parents[3]
 FIELD_MANAGER = "knp-lab"
@@ -44,16 +46,11 @@ PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 SYNC_TIMEOUT_S = 30.0
 SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
-# kind -> (API prefix, plural, namespaced)
-RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "Node": ("/api/v1", "nodes", False),
-    "Namespace": ("/api/v1", "namespaces", False),
-    "Pod": ("/api/v1", "pods", True),
-    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
-    "AdminNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha1", "adminnetworkpolicies", False),
-    "BaselineAdminNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha1", "baselineadminnetworkpolicies", False),
-    "ClusterNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha2", "clusternetworkpolicies", False),
-}
+
+# What a scenario may leave behind, from the kind registry: namespaced objects go with their
+# namespace (emptied first: no namespace controller runs here); namespaces are removed last.
+NAMESPACED_KINDS = tuple(k.name for k in kinds.all_kinds() if k.namespaced)
+CLUSTER_SCOPED_KINDS = tuple(k.name for k in kinds.all_kinds() if not k.namespaced and k.name != "Namespace")
 
 
 def crds_dir() -> Path:
@@ -61,11 +58,12 @@ def crds_dir() -> Path:
     return Path(os.environ.get("KNP_CRDS_DIR") or REPO.parent / "shared" / "crds")
 
 
-def resource_path(kind: str, namespace: str = "", name: str = "") -> str:
-    """The API path of a kind (all namespaces when `namespace` is empty), or of one object."""
-    prefix, plural, namespaced = RESOURCES[kind]
-    path = prefix + (f"/namespaces/{namespace}" if namespaced and namespace else "") + f"/{plural}"
-    return path + (f"/{urllib.parse.quote(name)}" if name else "")
+def resource_path(kind: str, namespace: str = "", name: str = "", api_version: str | None = None) -> str:
+    """The API path of a kind (all namespaces when `namespace` is empty), or of one object: at
+    the object's `api_version` when given (an apply must name the version its body is in), else
+    at the version the agents watch (model.kinds)."""
+    version = api_version.rpartition("/")[2] if api_version else None
+    return resource(kind, version).object_path(namespace, name)
 
 
 class ApiClient:
@@ -79,7 +77,7 @@ class ApiClient:
     def _note(self, kind: str, body: Any) -> None:
         rv = body.get("metadata", {}).get("resourceVersion") if isinstance(body, dict) else None
         if rv and str(rv).isdigit():
-            plural = RESOURCES[kind][1]
+            plural = resource(kind).plural
             self.written[plural] = max(self.written.get(plural, 0), int(rv))
 
     def _check(self, what: str, status: int, body: Any, ok: tuple[int, ...] = (200, 201)) -> Any:
@@ -93,7 +91,7 @@ class ApiClient:
         an apply with fewer labels removes the others, as `relabel` needs)."""
         kind = obj["kind"]
         meta = obj.get("metadata") or {}
-        path = resource_path(kind, meta.get("namespace", "default"), meta["name"])
+        path = resource_path(kind, meta.get("namespace", "default"), meta["name"], obj.get("apiVersion"))
         body = {k: v for k, v in obj.items() if k != "status"}
         status, out = self.cp.request("PATCH", f"{path}?fieldManager={FIELD_MANAGER}&force=true", body, content_type="application/apply-patch+yaml")
         self._note(kind, self._check(f"apply {kind} {meta.get('namespace', '')}/{meta['name']}", status, out))
@@ -116,7 +114,7 @@ class ApiClient:
 
     def _finalize_namespace(self, name: str) -> None:
         """No namespace controller runs here: empty the namespace and drop its finalizer."""
-        for kind in ("Pod", "NetworkPolicy"):
+        for kind in NAMESPACED_KINDS:
             status, listing = self.cp.request("GET", resource_path(kind, name))
             for item in listing.get("items", []) if status == 200 else []:
                 self.delete(kind, name, item["metadata"]["name"])
@@ -139,10 +137,10 @@ class ApiClient:
     def rejects(self, obj: dict[str, Any]) -> str | None:
         """Why the API server's validation refuses an object (server-side dry run), or None."""
         kind = obj.get("kind")
-        if kind not in RESOURCES:
+        if not isinstance(kind, str) or kinds.get(kind) is None:
             return None
         meta = obj.get("metadata") or {}
-        path = resource_path(kind, meta.get("namespace", "default"), meta.get("name", ""))
+        path = resource_path(kind, meta.get("namespace", "default"), meta.get("name", ""), obj.get("apiVersion"))
         status, out = self.cp.request(
             "PATCH", f"{path}?dryRun=All&fieldManager={FIELD_MANAGER}&force=true", obj, content_type="application/apply-patch+yaml"
         )
@@ -152,7 +150,7 @@ class ApiClient:
 
     def clear(self) -> None:
         """Remove what a scenario created: policies, pods, nodes, non-system namespaces."""
-        for kind in ("AdminNetworkPolicy", "BaselineAdminNetworkPolicy", "ClusterNetworkPolicy", "Node"):
+        for kind in CLUSTER_SCOPED_KINDS:
             status, listing = self.cp.request("GET", resource_path(kind))
             for item in listing.get("items", []) if status == 200 else []:
                 self.delete(kind, "", item["metadata"]["name"])
@@ -160,7 +158,7 @@ class ApiClient:
         for item in listing.get("items", []) if status == 200 else []:
             name = item["metadata"]["name"]
             if name in SYSTEM_NAMESPACES:
-                for kind in ("Pod", "NetworkPolicy"):
+                for kind in NAMESPACED_KINDS:
                     s, inner = self.cp.request("GET", resource_path(kind, name))
                     for obj in inner.get("items", []) if s == 200 else []:
                         self.delete(kind, name, obj["metadata"]["name"])

@@ -22,7 +22,10 @@ from typing import Any
 
 import httpx
 
-from kube_network_policies.sources.kubernetes import PODS, ApiConfig, Informer, PodCodec
+from kube_network_policies.sources.codecs import PodCodec
+from kube_network_policies.sources.informer import Informer
+from kube_network_policies.sources.kubeconfig import ApiConfig
+from kube_network_policies.sources.resources import PODS
 
 
 def synthetic_pod(i: int) -> dict[str, Any]:

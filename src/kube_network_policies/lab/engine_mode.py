@@ -11,17 +11,14 @@ from kube_network_policies.lab.runner import (
     combine_families,
 )
 from kube_network_policies.lab.scenario import Scenario
-from kube_network_policies.model import parse_object
+from kube_network_policies.model import kinds, parse_object
 
 CLIENT_PORT = 40000  # policies never match on the source port; any fixed value will do
 
 
 def features_for(requires: tuple[str, ...] | list[str]) -> Features:
-    return Features(
-        admin_network_policy="admin-network-policy" in requires,
-        baseline_admin_network_policy="baseline-admin-network-policy" in requires,
-        cluster_network_policy="cluster-network-policy" in requires,
-    )
+    """The kinds a scenario's `requires` enables: the features that are agent flags (model.kinds)."""
+    return Features(frozenset(requires) & frozenset(kinds.flags()))
 
 
 class EngineSession:

@@ -37,16 +37,14 @@ from kube_network_policies.lab.runner import (
 )
 from kube_network_policies.lab.scenario import Scenario
 from kube_network_policies.lab.topology import Topology, TopologyError
+from kube_network_policies.model import kinds
 from kube_network_policies.sources.files import manifest_digest
 
 AGENT_START_TIMEOUT_S = 30.0
 APPLY_TIMEOUT_S = 30.0
 STATUS_POLL_S = 0.02
-FEATURE_FLAGS = {
-    "admin-network-policy": "-admin-network-policy",
-    "baseline-admin-network-policy": "-baseline-admin-network-policy",
-    "cluster-network-policy": "-cluster-network-policy",
-}
+# Scenario features that are agent flags (model.kinds), and how they are passed to the agent.
+FEATURE_FLAGS = {flag: f"-{flag}" for flag in kinds.flags()}
 
 
 class LabError(KnpError):
@@ -55,7 +53,7 @@ class LabError(KnpError):
 
 def _object_key(obj: dict[str, Any]) -> tuple[str, str, str]:
     meta = obj.get("metadata") or {}
-    return (obj["kind"], meta.get("namespace", "") if obj["kind"] in ("Pod", "NetworkPolicy") else "", meta["name"])
+    return (obj["kind"], meta.get("namespace", "") if kinds.namespaced(obj["kind"]) else "", meta["name"])
 
 
 def _probed_servers(scenario: Scenario, cluster: ScenarioCluster) -> dict[str, set[tuple[str, int]]]:
@@ -230,7 +228,7 @@ class LabSession:
         for obj in changes.apply:
             self._objects[_object_key(obj)] = obj
         for ref in changes.delete:
-            namespace = ref.namespace if ref.kind in ("Pod", "NetworkPolicy") else ""
+            namespace = ref.namespace if kinds.namespaced(ref.kind) else ""
             self._objects.pop((ref.kind, namespace, ref.name), None)
             if ref.kind == "Namespace":
                 for key in [k for k in self._objects if k[1] == ref.name]:

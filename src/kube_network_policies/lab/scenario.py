@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from kube_network_policies.errors import InputError
-from kube_network_policies.model import ValidationError, parse_object
+from kube_network_policies.model import ValidationError, kinds, parse_object
 from kube_network_policies.model.core import HOSTNAME_LABEL
 from kube_network_policies.model.errors import FieldError
 from kube_network_policies.model.fields import Fields
 from kube_network_policies.sources.decode import DecodeError, load_yaml
 from kube_network_policies.sources.files import ManifestError, manifest_files, read_file
 
+# The agent flags that enable kinds (model.kinds), then what the scenario format names besides.
 FEATURES = (
-    "admin-network-policy",
-    "baseline-admin-network-policy",
-    "cluster-network-policy",
+    *kinds.flags(),
     "sctp",
     "ipv6",
     "named-ports",
@@ -317,7 +316,10 @@ def _ref(f: Fields, raw: object, path: str) -> ObjectRef | None:
     namespace = f.string(raw, "namespace", path) or ""
     if kind is None or name is None:
         return None
-    if kind in ("Pod", "NetworkPolicy") and not namespace:
+    if kinds.get(kind) is None:
+        f.error(f"{path}.kind", f"unsupported kind {kind!r} (expected one of {', '.join(k.name for k in kinds.all_kinds())})")
+        return None
+    if kinds.namespaced(kind) and not namespace:
         f.error(f"{path}.namespace", f"required for a {kind}")
     return ObjectRef(kind, namespace, name)
 

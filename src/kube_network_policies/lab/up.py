@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kube_network_policies.lab.scenario import load_scenario
+from kube_network_policies.model import kinds
 
 STATE_DIR = Path(os.environ.get("KNP_LAB_STATE_DIR", "/run/kube-network-policies-lab"))
 STATE_FILE = STATE_DIR / "state.json"
@@ -116,7 +117,7 @@ def _serve(path: str, ready_fd: int, state: dict[str, Any]) -> None:
         scenario = type(scenario)(
             **{
                 **{f: getattr(scenario, f) for f in scenario.__dataclass_fields__},
-                "requires": ("admin-network-policy", "baseline-admin-network-policy", "cluster-network-policy"),
+                "requires": kinds.flags(),
             }
         )
         mode = ApiLabMode()

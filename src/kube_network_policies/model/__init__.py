@@ -3,6 +3,7 @@
 Imports the standard library only, so that every other layer can depend on it.
 """
 
+from kube_network_policies.model import kinds
 from kube_network_policies.model.adminpolicy import (
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
@@ -30,6 +31,7 @@ __all__ = [
     "Pod",
     "TieredPolicy",
     "ValidationError",
+    "kinds",
     "object_key",
     "parse_object",
 ]

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from kube_network_policies.sources.kubernetes import ApiConfig
+from kube_network_policies.sources.kubeconfig import ApiConfig
 
 __all__ = ["ExitDecision", "exit_decision", "node_selected"]
 
