@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 from kube_network_policies.dataplane.nfqueue import (
     ACCEPT,
@@ -30,19 +29,11 @@ from kube_network_policies.dataplane.packet import (
     parse_addresses,
     parse_packet,
 )
+from kube_network_policies.dataplane.protocol import Applied, Batch, Failed, Ready, Started, Stats, Stop, apply_ops
 from kube_network_policies.engine import ClusterState, Features
 from kube_network_policies.metrics import PacketMetrics
 
 STATS_INTERVAL_S = 1.0
-
-# Messages, control -> worker:
-#   ("batch", generation, [("apply", obj) | ("delete", kind, namespace, name), ...])
-#   ("ready",)   every source has synced: start judging packets
-#   ("stop",)
-# worker -> control:
-#   ("started", queue_num) | ("failed", message)
-#   ("applied", generation)
-#   ("stats", queue_num, metrics_delta, errors_delta, nfqueue_counters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +44,6 @@ class WorkerConfig:
     fail_open: bool
     copy_range: int = DEFAULT_COPY_RANGE
     judged_mark: int = 0  # RulesetConfig.judged_mark when the accept cache is on, else 0
-
-
-def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
-    for op in ops:
-        if op[0] == "apply":
-            state.apply(op[1])
-        else:
-            state.delete(op[1], op[2], op[3])
 
 
 def make_decide(
@@ -107,8 +90,9 @@ def make_decide(
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
-    """Entry point of a worker process."""
-    # The control process decides when we stop (a "stop" message, or its end closing the pipe):
+    """Entry point of a worker process: bind the queue, then judge packets and apply the control
+    process's batches between them (dataplane/protocol.py)."""
+    # The control process decides when we stop (a Stop message, or its end closing the pipe):
     # a signal sent to the whole process group must not take the packet path down first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -119,9 +103,9 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     try:
         queue = NfQueue(config.queue_num, copy_range=config.copy_range, fail_open=config.fail_open, judged_mark=config.judged_mark)
     except (NfQueueError, OSError, ValueError) as exc:
-        conn.send(("failed", f"queue {config.queue_num}: {exc}"))
+        conn.send(Failed(f"queue {config.queue_num}: {exc}"))
         return
-    conn.send(("started", config.queue_num))
+    conn.send(Started(config.queue_num))
     decide = make_decide(state, config.node, config.fail_open, metrics, errors, ready)
     poller = select.poll()
     poller.register(queue.fileno(), select.POLLIN)
@@ -136,20 +120,20 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
                 else:
                     while conn.poll():
                         msg = conn.recv()
-                        kind = msg[0]
-                        if kind == "batch":
-                            apply_ops(state, msg[2])
-                            conn.send(("applied", msg[1]))
-                        elif kind == "ready":
+                        kind = msg.__class__
+                        if kind is Batch:
+                            apply_ops(state, msg.ops)
+                            conn.send(Applied(msg.generation))
+                        elif kind is Ready:
                             ready[0] = True
-                        elif kind == "stop":
+                        elif kind is Stop:
                             return
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 delta, errs = metrics.take_delta(), dict(errors)
                 errors.clear()
-                conn.send(("stats", config.queue_num, delta, errs, queue.counters))
+                conn.send(Stats(config.queue_num, delta, errs, queue.counters))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the control process is gone: the kernel's bypass/fail-closed rules take over
     finally:
