@@ -161,6 +161,12 @@ class Agent:
             out.update(self.workers.problems)
         return out
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics, /healthz, /readyz and /statusz are served on once start() bound it
+        (with port 0 in the address: the one the kernel chose)."""
+        return self._server.port if self._server is not None else None
+
     def _wanted(self) -> frozenset[str]:
         return self.state.managed_ips(self.config.node)
 

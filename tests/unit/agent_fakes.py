@@ -85,8 +85,11 @@ class FakeWorker:
 class FakePool:
     """WorkerPool with FakeWorkers. Every worker ever started stays in `started[queue]`."""
 
-    def __init__(self, queues: Sequence[int] = (100,), events: list[str] | None = None, features: Features | None = None) -> None:
+    def __init__(
+        self, queues: Sequence[int] = (100,), events: list[str] | None = None, features: Features | None = None, acks: str = "prompt"
+    ) -> None:
         self._queues = tuple(queues)
+        self.acks = acks  # how new workers acknowledge (FakeWorker.acks)
         self.events = events if events is not None else []
         self.features = features or Features()
         self.workers: dict[int, FakeWorker] = {}
@@ -100,7 +103,7 @@ class FakePool:
         return self._queues
 
     def _new(self, q: int) -> None:
-        w = FakeWorker(self.features)
+        w = FakeWorker(self.features, acks=self.acks)
         self.workers[q] = w
         self.started[q].append(w)
 
