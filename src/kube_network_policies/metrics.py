@@ -48,7 +48,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -61,6 +61,9 @@ from kube_network_policies.httpserver import (
     ServerLimits,
     parse_bind_address,
 )
+
+if TYPE_CHECKING:
+    from kube_network_policies.engine.flow import Decision, Flow
 
 __all__ = [
     "BUCKETS_US",
@@ -148,6 +151,20 @@ class PacketMetrics:
         if series is None:
             series = self._new_series(protocol, family, allowed)
         series.buckets[bisect_left(self._bounds, micros)] += 1  # bisect_left: `le` is inclusive
+        series.sum += micros
+        n = self._n
+        self._ring[n & self._mask] = micros
+        self._n = n + 1
+
+    def observe_verdict(self, flow: Flow, decision: Decision, micros: float) -> None:
+        """observe() as a verdict observer of the packet worker (dataplane/worker.py): protocol,
+        family and verdict read off the flow and its decision. The body repeats observe()'s
+        rather than calling it: one call less per packet."""
+        key = (flow[2], 4 if len(flow[0]) == 4 else 6, decision[0])
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(*key)
+        series.buckets[bisect_left(self._bounds, micros)] += 1
         series.sum += micros
         n = self._n
         self._ring[n & self._mask] = micros
