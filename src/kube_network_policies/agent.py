@@ -115,7 +115,8 @@ def make_source(config: AgentConfig) -> Source:
 
 class Agent:
     """The control process. The ruleset and the worker pool may be given (tests: a recording
-    ruleset, in-process workers); otherwise start() makes the real ones from the config."""
+    ruleset, in-process workers; a given ruleset is checked periodically, without nf_tables
+    notifications); otherwise start() makes the real ones from the config."""
 
     def __init__(
         self,
@@ -124,7 +125,6 @@ class Agent:
         *,
         ruleset: RulesetLike | None = None,
         pool: WorkerPool | None = None,
-        monitor: NftMonitor | None = None,
     ) -> None:
         if config.ruleset_on_exit not in RULESET_ON_EXIT:
             raise ValueError(f"ruleset_on_exit must be one of {', '.join(RULESET_ON_EXIT)}, not {config.ruleset_on_exit!r}")
@@ -139,7 +139,7 @@ class Agent:
         self.applied_counts: dict[str, int] = {}
         self.ready = False  # start() completed: every source synced, the ruleset installed once
         self.metrics = Metrics()
-        self.keeper = RulesetKeeper(ruleset, self._wanted, self.metrics.control, monitor) if ruleset is not None else None
+        self.keeper = RulesetKeeper(ruleset, self._wanted, self.metrics.control) if ruleset is not None else None
         self.workers = Workers(pool, self.metrics) if pool is not None else None
         self._backend: Backend | None = None
         self._stop = threading.Event()
