@@ -46,9 +46,9 @@ import math
 import socket
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -137,6 +137,21 @@ class PacketMetrics:
         if series is None:
             series = self._new_series(protocol, family, allowed)
         series.buckets[bisect_left(self._bounds, micros)] += 1  # bisect_left: `le` is inclusive
+        series.sum += micros
+        n = self._n
+        self._ring[n & self._mask] = micros
+        self._n = n + 1
+
+    def observe_verdict(self, flow: Sequence[Any], decision: Sequence[Any], micros: float) -> None:
+        """observe() as a verdict observer of the packet worker (dataplane/worker.py): protocol,
+        family and verdict read off the flow and its decision (engine.Flow and engine.Decision,
+        typed structurally: metrics imports nothing of the package). The body repeats observe()'s
+        rather than calling it: one call less per packet."""
+        key = (flow[2], 4 if len(flow[0]) == 4 else 6, decision[0])
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(*key)
+        series.buckets[bisect_left(self._bounds, micros)] += 1
         series.sum += micros
         n = self._n
         self._ring[n & self._mask] = micros

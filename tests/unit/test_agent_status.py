@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_fakes import RecordingRuleset
+
 from kube_network_policies.agent import Agent, AgentConfig
 from kube_network_policies.cli import build_parser
 from kube_network_policies.sources.base import Batch
@@ -36,8 +38,9 @@ class FakeSource:
 
 
 def agent(details: bool) -> Agent:
-    a = Agent(AgentConfig(manifests=(), node="node-1", status_details=details), source=FakeSource())  # type: ignore[arg-type]
-    a._managed = (frozenset({"10.244.1.5", "10.244.1.6"}), frozenset({"fd00::5"}))
+    a = Agent(AgentConfig(manifests=(), node="node-1", status_details=details), source=FakeSource(), ruleset=RecordingRuleset())  # type: ignore[arg-type]
+    assert a.keeper is not None
+    a.keeper.managed = (frozenset({"10.244.1.5", "10.244.1.6"}), frozenset({"fd00::5"}))
     a.applied = {"pods": "41", "digest": "ab12"}
     a.applied_counts = {"Pod": 3}
     a.generation = 7

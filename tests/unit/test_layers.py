@@ -24,7 +24,8 @@ LAYERS: dict[str, set[str]] = {
     "sources": {"errors", "model", "engine"},
     "endpoints": {"errors", "metrics", "httpserver"},
     "explain": {"errors", "model", "engine", "sources"},
-    "agent": {"errors", "model", "engine", "dataplane", "sources", "metrics", "httpserver", "endpoints"},
+    "control": {"errors", "model", "engine", "dataplane", "sources", "metrics"},
+    "agent": {"errors", "model", "engine", "dataplane", "sources", "metrics", "httpserver", "endpoints", "control"},
 }
 # The command and the lab may import anything; only the command may import the lab.
 OUTER = {"__init__", "__main__", "cli", "lab"}

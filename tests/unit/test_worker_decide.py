@@ -13,7 +13,7 @@ import pytest
 import builders  # tests/builders.py
 import packets
 from kube_network_policies.dataplane.nfqueue import ACCEPT, ACCEPT_JUDGED, DROP
-from kube_network_policies.dataplane.worker import make_decide
+from kube_network_policies.dataplane.worker import WorkerConfig, make_decide, observers_for
 from kube_network_policies.engine import ClusterState, Features
 from kube_network_policies.metrics import PacketMetrics
 from kube_network_policies.model import parse_object
@@ -72,7 +72,7 @@ def decider(fail_open: bool, ready: bool = True) -> tuple[Any, dict[str, int]]:
     for o in OBJECTS:
         state.apply(parse_object(o))
     errors: dict[str, int] = {}
-    return make_decide(state, "n1", fail_open, PacketMetrics(), errors, [ready]), errors
+    return make_decide(state, "n1", fail_open, errors, [ready], (PacketMetrics().observe_verdict,)), errors
 
 
 @pytest.mark.parametrize("fail_open", [False, True])
@@ -131,3 +131,48 @@ def test_mobility_header_is_judged_as_its_own_protocol() -> None:
     pkt[6] = MOBILITY
     assert decide(memoryview(bytes(pkt))) == DROP
     assert decide(memoryview(v6(B6, A6, 80, options=8, first=MOBILITY))) == ACCEPT_JUDGED  # A: not isolated
+
+
+def test_observers_see_each_engine_verdict_with_its_full_decision() -> None:
+    """The verdict-observer seam: every packet the engine judged, and only those, is shown to
+    each observer in order, with its flow, the full Decision (verdict and per-direction reasons)
+    and the time spent."""
+    state = ClusterState(Features())
+    for o in OBJECTS:
+        state.apply(parse_object(o))
+    seen: list[tuple[str, Any, Any, float]] = []
+    first = lambda flow, decision, micros: seen.append(("first", flow, decision, micros))  # noqa: E731
+    second = lambda flow, decision, micros: seen.append(("second", flow, decision, micros))  # noqa: E731
+    errors: dict[str, int] = {}
+    decide = make_decide(state, "n1", True, errors, [True], (first, second))
+    assert decide(memoryview(v4(A4, B4, 80))) == ACCEPT_JUDGED
+    assert decide(memoryview(v6(A6, C6, 80))) == DROP
+    assert decide(memoryview(v6(A6, B6, 81, options=200)[:128])) == ACCEPT  # unreadable: no verdict to observe
+    assert [(who, flow.describe()) for who, flow, _, _ in seen] == [
+        ("first", "TCP 10.0.0.1:40000 -> 10.0.0.2:80"),
+        ("second", "TCP 10.0.0.1:40000 -> 10.0.0.2:80"),
+        ("first", "TCP fd00::1:40000 -> fd00::3:80"),
+        ("second", "TCP fd00::1:40000 -> fd00::3:80"),
+    ]
+    allowed, denied = seen[0][2], seen[2][2]
+    assert seen[1][2] is allowed and all(micros > 0 for _, _, _, micros in seen)
+    assert allowed.allowed and allowed.ingress.chain[-1].policy == "t/b" and allowed.ingress.chain[-1].rule.startswith("ingress rule 0")
+    assert not denied.allowed and denied.ingress.chain[-1].detail == "selected by t/c; no ingress rule matches"
+    assert errors == {"truncated": 1}
+
+
+def test_the_worker_observes_its_packet_metrics_first() -> None:
+    metrics = PacketMetrics()
+    config = WorkerConfig(queue_num=100, node="n1", features=Features(), fail_open=False)
+    observers = observers_for(config, metrics)
+    assert observers[0] == metrics.observe_verdict
+    state = ClusterState(Features())
+    for o in OBJECTS:
+        state.apply(parse_object(o))
+    decide = make_decide(state, "n1", False, {}, [True], observers)
+    decide(memoryview(v4(A4, B4, 80)))
+    decide(memoryview(v4(A4, B4, 81)))
+    decide(memoryview(v6(A6, B6, 80)))
+    decide(memoryview(b"\x45" + bytes(10)))  # not judged: not observed
+    counts = {labels: sum(buckets) for labels, buckets, _ in metrics.take_delta().series}
+    assert counts == {("TCP", "IPv4", "accept"): 1, ("TCP", "IPv4", "drop"): 1, ("TCP", "IPv6", "accept"): 1}

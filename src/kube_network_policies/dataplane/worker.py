@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 from kube_network_policies.dataplane.nfqueue import (
     ACCEPT,
@@ -30,19 +29,16 @@ from kube_network_policies.dataplane.packet import (
     parse_addresses,
     parse_packet,
 )
-from kube_network_policies.engine import ClusterState, Features
+from kube_network_policies.dataplane.protocol import Applied, Failed, Generation, Ready, Started, Stats, Stop, apply_ops
+from kube_network_policies.engine import ClusterState, Decision, Features, Flow
 from kube_network_policies.metrics import PacketMetrics
 
 STATS_INTERVAL_S = 1.0
 
-# Messages, control -> worker:
-#   ("batch", generation, [("apply", obj) | ("delete", kind, namespace, name), ...])
-#   ("ready",)   every source has synced: start judging packets
-#   ("stop",)
-# worker -> control:
-#   ("started", queue_num) | ("failed", message)
-#   ("applied", generation)
-#   ("stats", queue_num, metrics_delta, errors_delta, nfqueue_counters)
+# Called after every verdict the engine gave, with the packet's flow, the full Decision (verdict
+# and the reasons of each direction) and the microseconds spent parsing and judging. Observers
+# run on the packet path: they must be cheap, must not block, and must not raise.
+VerdictObserver = Callable[[Flow, Decision, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +51,27 @@ class WorkerConfig:
     judged_mark: int = 0  # RulesetConfig.judged_mark when the accept cache is on, else 0
 
 
-def apply_ops(state: ClusterState, ops: list[tuple[Any, ...]]) -> None:
-    for op in ops:
-        if op[0] == "apply":
-            state.apply(op[1])
-        else:
-            state.delete(op[1], op[2], op[3])
+def observers_for(config: WorkerConfig, metrics: PacketMetrics) -> tuple[VerdictObserver, ...]:
+    """What observes the verdicts of a worker, fixed when it starts: the packet metrics first."""
+    return (metrics.observe_verdict,)
+
+
+def _fan_out(observers: tuple[VerdictObserver, ...]) -> VerdictObserver:
+    def observe(flow: Flow, decision: Decision, micros: float) -> None:
+        for observer in observers:
+            observer(flow, decision, micros)
+
+    return observe
+
+
+def _ignore(flow: Flow, decision: Decision, micros: float) -> None:
+    pass
 
 
 def make_decide(
-    state: ClusterState, node: str, fail_open: bool, metrics: PacketMetrics, errors: dict[str, int], ready: list[bool]
+    state: ClusterState, node: str, fail_open: bool, errors: dict[str, int], ready: list[bool], observers: tuple[VerdictObserver, ...] = ()
 ) -> Callable[[memoryview], int]:
-    """The per-packet function: parse, judge, record. Kept flat; every name it uses is local.
+    """The per-packet function: parse, judge, observe. Kept flat; every name it uses is local.
 
     Returns ACCEPT_JUDGED only when the engine accepted the packet's full (source, destination,
     protocol, port): only those may enter the accept cache. Everything decided without that
@@ -75,10 +80,14 @@ def make_decide(
     these two addresses some protocol and port (it could be any), never when the addresses
     alone are denied. A packet without readable addresses is dropped in both modes: no stack
     would deliver it either.
+
+    Every engine verdict, and only those, is shown to `observers` with its full Decision: the
+    engine builds it for the verdict anyway, so handing it on costs nothing. With one observer
+    (the packet metrics alone) it is called directly, without a loop.
     """
     evaluate = state.evaluate
     some_port = state.allowed_some_port
-    observe = metrics.observe
+    observe = observers[0] if len(observers) == 1 else _fan_out(observers) if observers else _ignore
     clock = time.perf_counter_ns
     error_names = ERROR_NAMES
     default = ACCEPT if fail_open else DROP
@@ -99,16 +108,17 @@ def make_decide(
             if known is not None and some_port(known[0], known[1], known[2], node):
                 return ACCEPT
             return DROP
-        allowed = evaluate(flow, node).allowed  # type: ignore[arg-type]
-        observe(flow[2], 4 if len(flow[0]) == 4 else 6, allowed, (clock() - start) / 1000.0)  # type: ignore[index]
-        return ACCEPT_JUDGED if allowed else DROP
+        decision = evaluate(flow, node)  # type: ignore[arg-type]
+        observe(flow, decision, (clock() - start) / 1000.0)  # type: ignore[arg-type]
+        return ACCEPT_JUDGED if decision[0] else DROP  # [0] is .allowed, read without the field's descriptor
 
     return decide
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
-    """Entry point of a worker process."""
-    # The control process decides when we stop (a "stop" message, or its end closing the pipe):
+    """Entry point of a worker process: bind the queue, then judge packets and apply the control
+    process's batches between them (dataplane/protocol.py)."""
+    # The control process decides when we stop (a Stop message, or its end closing the pipe):
     # a signal sent to the whole process group must not take the packet path down first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -119,10 +129,10 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     try:
         queue = NfQueue(config.queue_num, copy_range=config.copy_range, fail_open=config.fail_open, judged_mark=config.judged_mark)
     except (NfQueueError, OSError, ValueError) as exc:
-        conn.send(("failed", f"queue {config.queue_num}: {exc}"))
+        conn.send(Failed(f"queue {config.queue_num}: {exc}"))
         return
-    conn.send(("started", config.queue_num))
-    decide = make_decide(state, config.node, config.fail_open, metrics, errors, ready)
+    conn.send(Started(config.queue_num))
+    decide = make_decide(state, config.node, config.fail_open, errors, ready, observers_for(config, metrics))
     poller = select.poll()
     poller.register(queue.fileno(), select.POLLIN)
     poller.register(conn.fileno(), select.POLLIN)
@@ -136,20 +146,20 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
                 else:
                     while conn.poll():
                         msg = conn.recv()
-                        kind = msg[0]
-                        if kind == "batch":
-                            apply_ops(state, msg[2])
-                            conn.send(("applied", msg[1]))
-                        elif kind == "ready":
+                        kind = msg.__class__
+                        if kind is Generation:
+                            apply_ops(state, msg.ops)
+                            conn.send(Applied(msg.generation))
+                        elif kind is Ready:
                             ready[0] = True
-                        elif kind == "stop":
+                        elif kind is Stop:
                             return
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 delta, errs = metrics.take_delta(), dict(errors)
                 errors.clear()
-                conn.send(("stats", config.queue_num, delta, errs, queue.counters))
+                conn.send(Stats(config.queue_num, delta, errs, queue.counters))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the control process is gone: the kernel's bypass/fail-closed rules take over
     finally:
