@@ -44,9 +44,11 @@ UDP_ACCEPT, UDP_DROP = 90, 91
 # Datagrams to UDP_MARKED arrive with mark ORIG_MARK (set in mangle before the queue), to
 # UDP_UNMARKED with none; the payload's first byte says what decide() answers (mark_policy).
 UDP_MARKED, UDP_UNMARKED = 92, 93
+UDP_BYPASS = 94  # queued with --queue-bypass: accepted by the kernel while no consumer is bound
 ORIG_MARK, JUDGED = 0x2000, 0x1000
 SO_RCVMARK = 75  # linux/socket.h (5.19+): the packet's mark as a SO_MARK control message
 SO_MARK = 36
+SO_RCVBUFFORCE = 33
 DROPPED_AFTER = 1.2  # seconds a dropped SYN/datagram is waited for (first SYN retransmit: 1 s)
 
 
@@ -125,6 +127,7 @@ def pair() -> Iterator[netns.NetnsPair]:
             "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", str(UDP_MARKED), "-j", "MARK", "--set-mark", hex(ORIG_MARK)
         )
         p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", f"{UDP_MARKED}:{UDP_UNMARKED}", "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+        p.server.run("iptables", "-A", "INPUT", "-p", "udp", "--dport", str(UDP_BYPASS), "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass")
         yield p
 
 
@@ -135,8 +138,9 @@ def listeners(pair: netns.NetnsPair) -> Iterator[dict[int, socket.socket]]:
     with pair.server.entered():
         for port in (80, 81, 82, 83):
             socks[port] = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=512)
-        for port in (UDP_ACCEPT, UDP_DROP, UDP_MARKED, UDP_UNMARKED):
+        for port in (UDP_ACCEPT, UDP_DROP, UDP_MARKED, UDP_UNMARKED, UDP_BYPASS):
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
             u.bind((pair.server_ip4, port))
             u.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
             socks[port] = u
@@ -587,3 +591,49 @@ class TestKernel:
         q.close()  # idempotent
         with pytest.raises(NfQueueError):
             q.process(port_policy, 0)
+
+
+@pytest.mark.parametrize("with_decide", [True, False], ids=["judged", "default"])
+def test_close_under_load_hands_over_without_a_loss_fail_open(pair: netns.NetnsPair, listeners: dict[int, socket.socket], with_decide: bool) -> None:
+    """A graceful close while packets stream in and sit queued: with fail-open nothing is lost.
+    The consumer stops first, so packets pile up in the kernel queue; close() answers those,
+    and every later packet is accepted by the kernel (queue bypass), none dropped by the unbind."""
+    sock = listeners[UDP_BYPASS]
+    received(sock, 0.05)
+    q = bind(pair, fail_open=True)
+    judged: list[int] = []
+
+    def decide(payload: memoryview) -> int:
+        judged.append(1)
+        return ACCEPT
+
+    stop = threading.Event()
+    consumer = threading.Thread(target=q.run, args=(decide, stop, 0.01), daemon=True)
+    consumer.start()
+    n = 6000
+    sender = client_udp(pair)
+    started = threading.Event()
+
+    def send() -> None:
+        for i in range(n):
+            sender.sendto(b"%06d" % i, (pair.server_ip4, UDP_BYPASS))
+            if i == 1000:
+                started.set()
+            if i % 20 == 19:
+                time.sleep(0.001)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    assert started.wait(5)
+    stop.set()
+    consumer.join(5)
+    time.sleep(0.05)  # packets queue up with nobody reading
+    before = len(judged)
+    q.close(decide if with_decide else None)
+    t.join(30)
+    sender.close()
+    got = set(received(sock, 0.3))
+    missing = [i for i in range(n) if b"%06d" % i not in got]
+    print(f"\nclose under load: {n} sent, {len(got)} received, {len(judged) - before} judged at close")
+    assert not missing, f"{len(missing)} datagrams lost, first {missing[:5]}"
+    assert with_decide == (len(judged) > before), "close() answered the queued packets with decide() only when given one"

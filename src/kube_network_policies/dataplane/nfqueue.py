@@ -405,13 +405,27 @@ class NfQueue:
                 hint = f"another consumer is bound to it (netlink port {owner.peer_portid})"
         return f"{msg} ({hint})" if hint else msg
 
-    def close(self) -> None:
-        """Answer what is waiting in the socket with the default verdict, unbind, close."""
+    def close(self, decide: Callable[[memoryview], int] | None = None, drain_s: float = 0.25) -> None:
+        """Hand the queue back to the kernel without losing what it holds for us, then close.
+
+        The kernel drops every packet still queued when we unbind, and a flow under load always
+        has one in flight. With fail_open the queue is first shrunk to nothing: from the ACK on,
+        the kernel accepts new packets itself (NFQA_CFG_F_FAIL_OPEN) instead of queueing them,
+        so answering what is already in the socket leaves nothing to drop. Without fail_open
+        packets keep arriving; they are answered for at most drain_s and the unbind drops the
+        rest (their senders retransmit to the next consumer). Packets are answered with
+        decide(), or the default verdict without one.
+        """
         if self._closed:
             return
+        default = ACCEPT if self.fail_open else DROP
+        verdict = decide if decide is not None else (lambda _payload: default)
         try:
-            default = self.fail_open
-            self.process(lambda _payload: default, 0)
+            if self.fail_open:
+                self._request("hand over", _attr(NFQA_CFG_QUEUE_MAXLEN, _pack_be32(0)), timeout=1.0)
+            deadline = time.monotonic() + drain_s
+            while (self.process(verdict, 0.005) or self._backlog) and time.monotonic() < deadline:
+                pass
         except Exception:  # noqa: BLE001, S110 - closing must not fail; the kernel drops anything left
             pass
         try:

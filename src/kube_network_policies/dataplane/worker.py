@@ -137,6 +137,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     poller.register(queue.fileno(), select.POLLIN)
     poller.register(conn.fileno(), select.POLLIN)
     qfd = queue.fileno()
+    queue.process(decide, timeout=0)  # packets that raced the bind's ACK: nothing else wakes us for them
     next_stats = time.monotonic() + STATS_INTERVAL_S
     try:
         while True:
@@ -163,4 +164,6 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the control process is gone: the kernel's bypass/fail-closed rules take over
     finally:
-        queue.close()
+        # Packets already queued are judged, not dropped (with fail-open the kernel takes new
+        # ones itself from here on): a restart under load costs no connection a retransmit.
+        queue.close(decide)
