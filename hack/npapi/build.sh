@@ -8,9 +8,14 @@
 #   hack/npapi/build.sh [VERSION...]     build what is missing (default: both); prints the bin dir
 #   hack/npapi/build.sh --print-path     only print the bin dir (it may not be built yet)
 #
-# The binaries land in ${KNP_CACHE:-/var/cache/kube-network-policies}/npapi/<hash>/bin/
-# conformance-<version>.test, where <hash> covers the generated go.mod files and the Go
-# version. Module and build caches are the control plane's (controlplane/go-mod, go-build).
+# Two binaries per release land in ${KNP_CACHE:-/var/cache/kube-network-policies}/npapi/<hash>/bin/:
+#   conformance-<version>.test         the suite as published
+#   conformance-<version>-nosctp.test  the same with the SCTP server containers removed from its
+#                                      base manifests (drop-sctp.py), for kernels without SCTP
+#                                      sockets, where those containers crash and keep every pod of
+#                                      the suite from becoming ready; e2e.sh then skips the SCTP tests
+# <hash> covers the generated go.mod files, drop-sctp.py and the Go version. Module and build
+# caches are the control plane's (controlplane/go-mod, go-build).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +30,7 @@ versions=()
 for arg in "$@"; do
   case "$arg" in
     --print-path) mode=print ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     v0.1.7|v0.2.0) versions+=("$arg") ;;
     *) log "unknown argument '$arg'"; usage ;;
   esac
@@ -46,7 +51,7 @@ gomod() {
   echo "require sigs.k8s.io/network-policy-api $1"
 }
 go_version=$(go env GOVERSION)
-hash=$({ echo "go=$go_version"; for v in $DEFAULT_VERSIONS; do gomod "$v"; done; } | sha256sum | cut -c1-12)
+hash=$({ echo "go=$go_version"; for v in $DEFAULT_VERSIONS; do gomod "$v"; done; cat "$here/drop-sctp.py"; } | sha256sum | cut -c1-12)
 keydir=$root/npapi/$hash
 bindir=$keydir/bin
 if [ "$mode" = print ]; then
@@ -57,22 +62,41 @@ fi
 mkdir -p "$bindir"
 exec 9>"$keydir/.lock"
 flock 9
-for v in "${versions[@]}"; do
+build() {  # build VERSION VARIANT(plain|nosctp)
+  local v=$1 variant=$2 out src start dir
   out=$bindir/conformance-$v.test
-  if [ -x "$out" ]; then
+  [ "$variant" = plain ] || out=$bindir/conformance-$v-$variant.test
+  if [ -x "$out" ] && [ -s "$bindir/conformance-$v.tests" ]; then
     log "reusing $out"
-    continue
+    return
   fi
-  src=$keydir/src-$v
+  src=$keydir/src-$v-$variant
+  rm -rf "$src"
   mkdir -p "$src"
   gomod "$v" >"$src/go.mod"
+  dir=$(cd "$src" && go mod download -json "sigs.k8s.io/network-policy-api@$v" | sed -n -E 's/^[[:space:]]*"Dir": "(.*)",?$/\1/p')
+  [ -d "$dir" ] || { log "could not download sigs.k8s.io/network-policy-api@$v"; exit 1; }
+  # The suite's test names (each test's ShortName, its subtest name), for e2e.sh's counts.
+  sed -n -E 's/^[[:space:]]*ShortName:[[:space:]]*"([^"]+)".*/\1/p' "$dir"/conformance/tests/*.go | sort -u >"$bindir/conformance-$v.tests"
+  if [ "$variant" = nosctp ]; then
+    # A private copy of the module with the edited manifests, which the suite embeds.
+    cp -r "$dir" "$src/npapi"
+    chmod -R u+w "$src/npapi"
+    n=$(python3 "$here/drop-sctp.py" "$src/npapi/conformance/base/manifests.yaml")
+    log "$v: removed $n SCTP server containers from the base manifests"
+    printf '\nreplace sigs.k8s.io/network-policy-api => ./npapi\n' >>"$src/go.mod"
+  fi
   start=$(date +%s)
-  log "building the conformance suite of sigs.k8s.io/network-policy-api@$v ..."
+  log "building the conformance suite of sigs.k8s.io/network-policy-api@$v ($variant) ..."
   # -mod=mod (k8s_module_env) lets the build record the test package's dependencies in go.sum.
-  (cd "$src" && go mod download sigs.k8s.io/network-policy-api \
-    && go test -c -trimpath -o "$out.tmp" sigs.k8s.io/network-policy-api/conformance) \
+  (cd "$src" && go test -c -trimpath -o "$out.tmp" sigs.k8s.io/network-policy-api/conformance) \
     || { log "building the $v suite failed (see above)"; rm -f "$out.tmp"; exit 1; }
   mv "$out.tmp" "$out"
   log "built $out in $(( $(date +%s) - start ))s"
+}
+
+for v in "${versions[@]}"; do
+  build "$v" plain
+  build "$v" nosctp
 done
 echo "$bindir"
