@@ -7,6 +7,7 @@ Used by hack/images/build.sh; standard library only, so it runs with any Python 
                                            line, a table KEY=VALUE a line (KEY like image.env)
     oci.py inputs DECL ROOT                print package.inputs under ROOT, less package.exclude
                                            (.dockerignore's pattern forms), one file a line
+    oci.py refs ARCHIVE                    print the references an archive's index.json names
     oci.py pack DECL ROOTFS OUT            pack ROOTFS as the single layer of an image configured
                                            by DECL's [image] table; write the OCI layout tar OUT
 
@@ -288,6 +289,26 @@ def pack(config: ImageConfig, rootfs: Path, out: Path, epoch: int | None) -> Non
         partial.replace(out)
 
 
+def archive_references(archive: Path) -> list[str]:
+    """The names `ctr images import` gives the images of an archive this tool wrote."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            member = tar.extractfile("index.json")
+            if member is None:
+                raise DeclarationError(f"{archive}: index.json is not a file")
+            index = json.load(member)
+    except KeyError as e:
+        raise DeclarationError(f"{archive} is not an OCI image layout: it has no index.json") from e
+    except (tarfile.TarError, json.JSONDecodeError) as e:
+        raise DeclarationError(f"{archive} is not a readable OCI image archive: {e}") from e
+    refs: list[str] = []
+    for entry in index.get("manifests", []):
+        name = entry.get("annotations", {}).get(ANNOTATION_CONTAINERD_NAME)
+        if isinstance(name, str):
+            refs.append(name)
+    return refs
+
+
 def _runtime_config(config: ImageConfig) -> dict[str, object]:
     """The image config's `config` object; empty fields are left out, as image builders do."""
     fields: dict[str, object] = {
@@ -312,7 +333,7 @@ def _rfc3339(epoch: int) -> str:
     return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-USAGE = "usage: oci.py get DECL KEY | oci.py inputs DECL ROOT | oci.py pack DECL ROOTFS OUT"
+USAGE = "usage: oci.py get DECL KEY | oci.py inputs DECL ROOT | oci.py refs ARCHIVE | oci.py pack DECL ROOTFS OUT"
 
 
 def main(argv: list[str]) -> int:
@@ -322,6 +343,8 @@ def main(argv: list[str]) -> int:
                 sys.stdout.write(format_value(lookup(load(Path(decl)), key, Path(decl))))
             case ["inputs", decl, root]:
                 sys.stdout.write(format_value(package_inputs(load(Path(decl)), Path(decl), Path(root))))
+            case ["refs", archive]:
+                sys.stdout.write(format_value(archive_references(Path(archive))))
             case ["pack", decl, rootfs, out]:
                 epoch_text = os.environ.get("SOURCE_DATE_EPOCH")
                 epoch = int(epoch_text) if epoch_text else None
