@@ -4,6 +4,8 @@
 #
 # The install manifests (install*.yaml) run it as a DaemonSet: hostNetwork, root with only
 # CAP_NET_ADMIN. Its ENTRYPOINT is `kube-network-policies run`; the manifests pass the flags.
+# hack/images/build.sh builds the same image without Docker, from hack/images/agent.toml;
+# tests/unit/test_images.py checks the two agree, so a change here goes there too.
 FROM python:3.11-slim-bookworm
 
 LABEL org.opencontainers.image.title="kube-network-policies" \

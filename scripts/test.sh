@@ -6,7 +6,7 @@
 #     2. the scenario suite in lab mode (real agents, nftables, NFQUEUE, network namespaces) and
 #        in lab mode through a real kube-apiserver, when running as root;
 #     3. pytest: unit, kernel (root) and integration (real kube-apiserver + etcd) tests;
-#     4. mypy --strict on the package, ruff (lint and format) on the package and the tests.
+#     4. mypy --strict on the package and hack/images/oci.py, ruff (lint and format) on those and the tests.
 #   bash scripts/test.sh --fast   the developers' loop: what needs neither root nor the control
 #                                 plane (engine-mode scenarios, unit tests, mypy, ruff); under a minute.
 #
@@ -43,7 +43,7 @@ else
   .venv/bin/python -m pytest -q -m "" || status=1
 fi
 echo "== mypy --strict, ruff"
-.venv/bin/python -m mypy --strict src || status=1
-.venv/bin/ruff check src tests || status=1
-.venv/bin/ruff format --check src tests || status=1
+.venv/bin/python -m mypy --strict src hack/images/oci.py || status=1
+.venv/bin/ruff check src tests hack/images || status=1
+.venv/bin/ruff format --check src tests hack/images || status=1
 exit $status
