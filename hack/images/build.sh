@@ -17,7 +17,7 @@
 #   agent    the Dockerfile's image: mmdebstrap (Debian bookworm: python3, nftables, iptables),
 #            the project's wheel (without the lab subpackage) installed by the image's own pip;
 #   pause    build/pause from the k8s.io/kubernetes module, a static gcc build, on scratch;
-#   agnhost  the binary from hack/k8s/build.sh with a static busybox, laid out as upstream's.
+#   agnhost  the binary from hack/k8s/build.sh with a static busybox and bash, laid out as upstream's.
 #
 # Needs root (mmdebstrap --mode=root, chroot), mmdebstrap, gcc with a static libc, go (for the
 # module), python3 >= 3.11 with pip, and the Debian mirror and PyPI.
@@ -190,6 +190,11 @@ build_agnhost() { # WORK ROOTFS
     [ -f "$f" ] && busybox=$f && break
   done
   [ -n "$busybox" ] || die "agnhost: busybox-static did not provide a busybox binary"
+  local bash_static=
+  for f in "$work/busybox/bin/bash-static" "$work/busybox/usr/bin/bash-static"; do
+    [ -f "$f" ] && bash_static=$f && break
+  done
+  [ -n "$bash_static" ] || die "agnhost: bash-static did not provide a bash-static binary"
 
   # Upstream's layout (test/images/agnhost/Dockerfile): /agnhost and its agnhost-2 link, /uploads
   # (netexec), the porter certificates at /, and the user and group a SupplementalGroups test uses.
@@ -204,6 +209,7 @@ build_agnhost() { # WORK ROOTFS
   for applet in $("$rootfs/bin/busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$rootfs/bin/$applet"
   done
+  install -m 0755 "$bash_static" "$rootfs/bin/bash"
   printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
     'user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh' \
     'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >"$rootfs/etc/passwd"
