@@ -27,7 +27,8 @@
 # KNP_CLUSTER_FABRIC (default 10.250.0: the fabric's /24, .1 is the API server, node I is .1I),
 # KNP_CLUSTER_PODS (default 10.244: node I gets 10.244.I.0/24),
 # KNP_CLUSTER_SERVICES (default 10.96.0.0/16), KNP_CLUSTER_CRDS (CRD directory, default
-# ../shared/crds next to the repository).
+# ../shared/crds next to the repository), KNP_CLUSTER_ANP_CRDS / KNP_CLUSTER_CNP_CRDS (the CRD
+# files for --agent anp / cnp), KNP_AGENT_IMAGE (the agent image, default the manifests' own).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -151,7 +152,9 @@ teardown() {
   for ns in /run/netns/"$PREFIX"*; do
     [ -e "$ns" ] && ip netns delete "$(basename "$ns")"
   done
-  rm -f /var/lib/cni/results/"${PREFIX}"* 2>/dev/null || true
+  # libcni caches each attachment's result in /var/lib/cni/results (containerd 1.6 has no
+  # setting for it); ours name their network namespace under the state dir.
+  { grep -lsF "$D/" /var/lib/cni/results/* 2>/dev/null || true; } | xargs -r rm -f
   if [ -d "$D" ]; then
     rm -rf --one-file-system "$D"
   fi
@@ -341,8 +344,6 @@ start_control_plane() {
   wait_for "kube-apiserver ready" 120 kube-apiserver kc get --raw /readyz
   spawn kube-controller-manager "$FABRIC_NS" "$K8S_BIN/kube-controller-manager" \
     --kubeconfig="$D/cp/controller-manager.kubeconfig" \
-    --authentication-kubeconfig="$D/cp/controller-manager.kubeconfig" \
-    --authorization-kubeconfig="$D/cp/controller-manager.kubeconfig" \
     --bind-address=127.0.0.1 --leader-elect=false \
     --service-account-private-key-file="$D/pki/sa.key" --root-ca-file="$D/pki/ca.crt" \
     --use-service-account-credentials=true \
@@ -350,8 +351,6 @@ start_control_plane() {
     --service-cluster-ip-range="$SVC_CIDR" --cluster-cidr="$POD_CIDR" --allocate-node-cidrs=false
   spawn kube-scheduler "$FABRIC_NS" "$K8S_BIN/kube-scheduler" \
     --kubeconfig="$D/cp/scheduler.kubeconfig" \
-    --authentication-kubeconfig="$D/cp/scheduler.kubeconfig" \
-    --authorization-kubeconfig="$D/cp/scheduler.kubeconfig" \
     --bind-address=127.0.0.1 --leader-elect=false
   # Clients in the root namespace: a loopback port forwarded into the fabric.
   local port
@@ -490,6 +489,7 @@ clusterCIDR: $POD_CIDR
 bindAddress: $ip
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
+nodePortAddresses: [primary]
 # Conntrack tables are the machine's, not the namespace's: leave them as they are.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF
@@ -520,9 +520,12 @@ install_agent() {
   case "$AGENT" in
     none) return 0 ;;
     np) manifest=install.yaml ;;
+    # The releases the README installs (the agent is tested against them); KNP_CLUSTER_ANP_CRDS
+    # and KNP_CLUSTER_CNP_CRDS (space-separated files) choose others, e.g. a suite's own.
     anp) manifest=install-anp.yaml
-      crds=("$CRD_DIR/v1alpha1-adminnetworkpolicies.yaml" "$CRD_DIR/v1alpha1-baselineadminnetworkpolicies.yaml") ;;
-    cnp) manifest=install-cnp.yaml crds=("$CRD_DIR/v1alpha2-clusternetworkpolicies.yaml") ;;
+      read -r -a crds <<<"${KNP_CLUSTER_ANP_CRDS:-$CRD_DIR/v1alpha1-adminnetworkpolicies.yaml $CRD_DIR/v1alpha1-baselineadminnetworkpolicies.yaml}" ;;
+    cnp) manifest=install-cnp.yaml
+      read -r -a crds <<<"${KNP_CLUSTER_CNP_CRDS:-$CRD_DIR/v1alpha2-clusternetworkpolicies.yaml}" ;;
   esac
   local f
   for f in "${crds[@]}"; do
@@ -535,11 +538,21 @@ install_agent() {
   local image
   image=$(awk '$1 == "image:" { print $2; exit }' "$repo/$manifest")
   [ -n "$image" ] || die "no image: line in $manifest"
+  # No registry: the image must have been imported into every node.
+  local i
+  for i in $(seq 1 "$NODES"); do
+    ctr -a "$D/$(node_name "$i")/containerd/containerd.sock" -n k8s.io images ls -q |
+      grep -qxF "${AGENT_IMAGE:-$image}" ||
+      die "the agent image ${AGENT_IMAGE:-$image} is not in $(node_name "$i")'s containerd: build it with hack/images/build.sh agent, or put its archive in --images"
+  done
   # Only the image is replaced (and only when KNP_AGENT_IMAGE says so).
   sed "s|image: $image\$|image: ${AGENT_IMAGE:-$image}|" "$repo/$manifest" | kc apply -f - >/dev/null
   log "agent: $manifest applied (image ${AGENT_IMAGE:-$image}); waiting for the DaemonSet"
-  kc -n kube-system rollout status daemonset/kube-network-policies --timeout=180s >&2 ||
-    die "the agent's DaemonSet did not become ready: kubectl -n kube-system describe pods -l app=kube-network-policies"
+  if ! kc -n kube-system rollout status daemonset/kube-network-policies --timeout=180s >&2; then
+    kc -n kube-system get pods -l app=kube-network-policies -o wide >&2 || true
+    kc -n kube-system logs -l app=kube-network-policies --tail=10 --prefix >&2 || true
+    die "the agent's DaemonSet did not become ready (kubectl -n kube-system describe pods -l app=kube-network-policies)"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
