@@ -109,7 +109,7 @@ our_pids() {
 # containerd's shims listen on sockets in /run/containerd/s (a fixed directory); a killed shim
 # leaves its socket. Each node namespace lists the unix sockets made in it.
 shim_sockets() {
-  local ns pid
+  local ns
   for ns in /run/netns/"$PREFIX"node-*; do
     [ -e "$ns" ] || continue
     nsenter --net="$ns" -- cat /proc/self/net/unix 2>/dev/null |
@@ -134,8 +134,8 @@ teardown() {
     sleep 0.3
   done
   pids=$(our_pids)
-  [ -z "$pids" ] || die "processes still alive after SIGKILL: $(echo $pids)"
-  [ -z "$socks" ] || rm -f $socks
+  [ -z "$pids" ] || die "processes still alive after SIGKILL: $(tr '\n' ' ' <<<"$pids")"
+  [ -z "$socks" ] || xargs -r rm -f <<<"$socks"
   for i in $(seq 1 10); do
     m=$(our_mounts)
     [ -n "$m" ] || break
@@ -629,6 +629,25 @@ EOF
     sleep 1
   done
   log "check: in-cluster API client (service account, kubernetes Service) ok"
+  if kc -n kube-system get daemonset kube-network-policies >/dev/null 2>&1; then
+    # The agent runs: a deny-all-ingress NetworkPolicy on srv-1 must cut srv-2 -> srv-1 (across
+    # nodes) and leave srv-1 -> srv-2 alone.
+    kc -n "$ns" apply -f - >/dev/null <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-srv-1}
+spec:
+  podSelector: {matchLabels: {app: srv-1}}
+  policyTypes: [Ingress]
+EOF
+    end=$((SECONDS + 30))
+    while kc -n "$ns" exec srv-2 -- /agnhost connect --timeout=2s "$ip1:8080" >/dev/null 2>&1; do
+      [ $SECONDS -lt $end ] || die "check: the agent did not enforce a deny-all NetworkPolicy within 30s"
+      sleep 1
+    done
+    log "check: NetworkPolicy deny-all ingress enforced (srv-2 -> srv-1 blocked)"
+    probe srv-1 "$ip2:8080" "pod -> pod not selected by the policy"
+  fi
   kc delete namespace "$ns" --wait=false >/dev/null
 }
 
@@ -666,7 +685,7 @@ case "$cmd" in
         *) log "unknown option '$1'"; usage ;;
       esac
     done
-    [[ "$NODES" =~ ^[1-9][0-9]?$ ]] && [ "$NODES" -le 50 ] || die "--nodes wants a number from 1 to 50, not '$NODES'"
+    [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || die "--nodes wants a number from 1 to 99, not '$NODES'"
     case "$AGENT" in none|np|anp|cnp) ;; *) die "--agent wants none, np, anp or cnp, not '$AGENT'" ;; esac
     need_root
     bins
@@ -722,7 +741,7 @@ case "$cmd" in
       "$PREFIX"*) ns=$node ;;
       *) ns=$PREFIX$node ;;
     esac
-    [ -e "/run/netns/$ns" ] || die "no network namespace $ns (nodes: $(ls /run/netns | grep "^$PREFIX" | tr '\n' ' '))"
+    [ -e "/run/netns/$ns" ] || die "no network namespace $ns (there are: $(cd /run/netns 2>/dev/null && echo "$PREFIX"*))"
     K8S_BIN=$("$repo/hack/k8s/build.sh" --print-path)
     export KUBECONFIG=$D/admin-fabric.kubeconfig PATH=$K8S_BIN:$PATH
     exec nsenter --net="/run/netns/$ns" -- "$@"
