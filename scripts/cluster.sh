@@ -5,6 +5,7 @@
 #   scripts/cluster.sh down                  stop everything, unmount, delete the namespaces
 #   scripts/cluster.sh status                what runs, the nodes and pods
 #   scripts/cluster.sh kubeconfig            print the admin kubeconfig path (root namespace)
+#   scripts/cluster.sh manifest np|anp|cnp   print the manifest --agent applies (image replaced)
 #   scripts/cluster.sh exec NODE CMD...      run CMD in NODE's network namespace (node-1, ...,
 #                                            or fabric: the control plane's); KUBECONFIG set
 #   scripts/cluster.sh check                 smoke test: pod -> pod across nodes, pod -> Service,
@@ -50,7 +51,7 @@ CRD_DIR=${KNP_CLUSTER_CRDS:-$repo/../shared/crds}
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
 node_name() { echo "node-$1"; }
 node_ns() { echo "${PREFIX}node-$1"; }
@@ -87,19 +88,25 @@ our_netns_inodes() {
   return 0
 }
 
-# Processes of this cluster: in one of our network namespaces, in one of our cgroups, or
-# started with a path of the state dir on their command line (the API forwarder, shims).
+# Processes of this cluster: in one of our network namespaces (control plane, containerd and
+# its shims, kubelet, kube-proxy, hostNetwork pods), in one of our cgroups (every pod), or the
+# API forwarder (in the root namespace: known by its arguments). Never this script's ancestors.
 our_pids() {
-  local inodes p ino
+  local inodes p ino args ancestors=" " q=$$
+  while [ "$q" -gt 1 ] 2>/dev/null; do
+    ancestors+="$q "
+    q=$(awk '{ print $4 }' "/proc/$q/stat" 2>/dev/null) || break
+  done
   inodes=" $(our_netns_inodes | tr '\n' ' ') "
   for p in /proc/[0-9]*; do
     p=${p#/proc/}
-    [ "$p" = $$ ] && continue
+    [[ "$ancestors" == *" $p "* ]] && continue
     ino=$(readlink "/proc/$p/ns/net" 2>/dev/null) || continue
     ino=${ino#net:[}; ino=${ino%]}
     if [[ "$inodes" == *" $ino "* ]]; then echo "$p"; continue; fi
     if grep -qs ":/${PREFIX}" "/proc/$p/cgroup"; then echo "$p"; continue; fi
-    if tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null | grep -qsF "$D/"; then
+    args=$(tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null) || continue
+    if grep -qx '.*/hack/cluster/apiforward\.py' <<<"$args" && grep -qxF "/run/netns/$FABRIC_NS" <<<"$args"; then
       echo "$p"
     fi
   done
@@ -515,6 +522,33 @@ wait_nodes() {
   done
 }
 
+manifest_of() {
+  case "$1" in
+    np) echo install.yaml ;;
+    anp) echo install-anp.yaml ;;
+    cnp) echo install-cnp.yaml ;;
+    *) die "--agent wants none, np, anp or cnp, not '$1'" ;;
+  esac
+}
+
+# The image the agent runs: KNP_AGENT_IMAGE, else the manifest's own.
+agent_image() {
+  local image
+  image=$(awk '$1 == "image:" { print $2; exit }' "$repo/$1")
+  [ -n "$image" ] || die "no image: line in $1"
+  echo "${AGENT_IMAGE:-$image}"
+}
+
+# The manifest as users apply it, with only the image replaced.
+render_manifest() {
+  local from
+  from=$(AGENT_IMAGE='' agent_image "$1")
+  # Exact string comparison (no regex): image names hold dots.
+  awk -v from="$from" -v to="$(agent_image "$1")" '
+    $1 == "image:" && $2 == from && NF == 2 { sub(/image:.*/, "image: " to) }
+    { print }' "$repo/$1"
+}
+
 install_agent() {
   local manifest crds=()
   case "$AGENT" in
@@ -536,18 +570,16 @@ install_agent() {
     kc wait --for=condition=Established --timeout=60s -f "$f" >/dev/null
   done
   local image
-  image=$(awk '$1 == "image:" { print $2; exit }' "$repo/$manifest")
-  [ -n "$image" ] || die "no image: line in $manifest"
+  image=$(agent_image "$manifest")
   # No registry: the image must have been imported into every node.
   local i
   for i in $(seq 1 "$NODES"); do
     ctr -a "$D/$(node_name "$i")/containerd/containerd.sock" -n k8s.io images ls -q |
       grep -qxF "${AGENT_IMAGE:-$image}" ||
-      die "the agent image ${AGENT_IMAGE:-$image} is not in $(node_name "$i")'s containerd: build it with hack/images/build.sh agent, or put its archive in --images"
+      die "the agent image $image is not in $(node_name "$i")'s containerd: build it with hack/images/build.sh agent, or put its archive in --images"
   done
-  # Only the image is replaced (and only when KNP_AGENT_IMAGE says so).
-  sed "s|image: $image\$|image: ${AGENT_IMAGE:-$image}|" "$repo/$manifest" | kc apply -f - >/dev/null
-  log "agent: $manifest applied (image ${AGENT_IMAGE:-$image}); waiting for the DaemonSet"
+  render_manifest "$manifest" | kc apply -f - >/dev/null
+  log "agent: $manifest applied (image $image); waiting for the DaemonSet"
   if ! kc -n kube-system rollout status daemonset/kube-network-policies --timeout=180s >&2; then
     kc -n kube-system get pods -l app=kube-network-policies -o wide >&2 || true
     kc -n kube-system logs -l app=kube-network-policies --tail=10 --prefix >&2 || true
@@ -726,6 +758,10 @@ case "$cmd" in
     bins
     status
     ;;
+  manifest)
+    [ $# = 1 ] || usage
+    render_manifest "$(manifest_of "$1")"
+    ;;
   kubeconfig)
     [ -f "$D/admin.kubeconfig" ] || die "no cluster: $D/admin.kubeconfig is missing (scripts/cluster.sh up)"
     echo "$D/admin.kubeconfig"
@@ -753,6 +789,6 @@ case "$cmd" in
     bins
     check
     ;;
-  -h|--help) usage ;;
+  -h|--help) usage 0 ;;
   *) log "unknown command '$cmd'"; usage ;;
 esac
