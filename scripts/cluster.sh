@@ -642,10 +642,16 @@ EOF
   svc=$(kc -n "$ns" get service srv-1 -o jsonpath='{.spec.clusterIP}')
   api=$(kc -n default get service kubernetes -o jsonpath='{.spec.clusterIP}')
   probe() {
-    local from=$1 to=$2 what=$3 out
-    out=$(kc -n "$ns" exec "$from" -- /agnhost connect --timeout=5s "$to" 2>&1) ||
-      die "check: $what ($from -> $to) failed: $out"
-    log "check: $what ($from -> $to) ok"
+    local from=$1 to=$2 what=$3 out try
+    # A few tries: kube-proxy programs a new Service's rules shortly after its endpoints.
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+      if out=$(kc -n "$ns" exec "$from" -- /agnhost connect --timeout=3s "$to" 2>&1); then
+        log "check: $what ($from -> $to) ok$([ "$try" = 1 ] || echo " (try $try)")"
+        return 0
+      fi
+      sleep 1
+    done
+    die "check: $what ($from -> $to) failed 10 times: $out"
   }
   probe srv-2 "$ip1:8080" "pod -> pod on $n1"
   probe srv-1 "$ip2:8080" "pod -> pod on $n2"
@@ -728,8 +734,9 @@ case "$cmd" in
       [ -x "/usr/lib/cni/$p" ] || die "/usr/lib/cni/$p is missing (apt-get install containernetworking-plugins)"
     done
     start=$SECONDS
-    mapfile -t ARCHIVES < <(find_images)
-    [ ${#ARCHIVES[@]} -gt 0 ] || die "no image archives to import"
+    archives=$(find_images) || exit 1
+    mapfile -t ARCHIVES <<<"$archives"
+    [ -n "$archives" ] || die "no image archives to import"
     teardown
     check_cidrs
     mkdir -p "$D/log" "$D/pid"
