@@ -159,6 +159,10 @@ teardown() {
   for ns in /run/netns/"$PREFIX"*; do
     [ -e "$ns" ] && ip netns delete "$(basename "$ns")"
   done
+  # Fixed paths of the kubelet: its log symlinks in /var/log/containers (ours point into the
+  # state dir) and the device-plugin socket every kubelet makes in /var/lib/kubelet.
+  find /var/log/containers -maxdepth 1 -type l -lname "$D/*" -delete 2>/dev/null || true
+  [ ! -S /var/lib/kubelet/device-plugins/kubelet.sock ] || rm -f /var/lib/kubelet/device-plugins/kubelet.sock
   # libcni caches each attachment's result in /var/lib/cni/results (containerd 1.6 has no
   # setting for it); ours name their network namespace under the state dir.
   { grep -lsF "$D/" /var/lib/cni/results/* 2>/dev/null || true; } | xargs -r rm -f
@@ -416,6 +420,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   address = ""
 [metrics]
   address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   netns_mounts_under_state_dir = true
@@ -482,7 +488,7 @@ evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.availa
 maxPods: 250
 EOF
   spawn "kubelet-$name" "$ns" "$K8S_BIN/kubelet" --config="$dir/kubelet-config.yaml" \
-    --kubeconfig="$dir/kubelet.kubeconfig" --root-dir="$dir/kubelet" \
+    --kubeconfig="$dir/kubelet.kubeconfig" --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" \
     --hostname-override="$name" --node-ip="$ip"
 
   kubeconfig "$dir/kube-proxy.kubeconfig" "https://$API_IP:$API_PORT" kube-proxy
