@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real multi-node Kubernetes cluster on this machine, every node in a network namespace.
 #
-#   scripts/cluster.sh up [--nodes N] [--agent none|np|anp|cnp] [--images DIR] [--no-check]
+#   scripts/cluster.sh up [--nodes N] [--agent none|np|anp|cnp] [--images DIR] [--dual-stack]
+#                         [--no-check]
 #   scripts/cluster.sh down                  stop everything, unmount, delete the namespaces
 #   scripts/cluster.sh status                what runs, the nodes and pods
 #   scripts/cluster.sh kubeconfig            print the admin kubeconfig path (root namespace)
@@ -29,7 +30,10 @@
 # KNP_CLUSTER_PODS (default 10.244: node I gets 10.244.I.0/24),
 # KNP_CLUSTER_SERVICES (default 10.96.0.0/16), KNP_CLUSTER_CRDS (CRD directory, default
 # ../shared/crds next to the repository), KNP_CLUSTER_ANP_CRDS / KNP_CLUSTER_CNP_CRDS (the CRD
-# files for --agent anp / cnp), KNP_AGENT_IMAGE (the agent image, default the manifests' own).
+# files for --agent anp / cnp), KNP_AGENT_IMAGE (the agent image, default the manifests' own);
+# with --dual-stack also KNP_CLUSTER_FABRIC6 (default fd6b:6e70:fab: the fabric's /64),
+# KNP_CLUSTER_PODS6 (default fd6b:6e70:1: node I gets fd6b:6e70:1:I::/64) and
+# KNP_CLUSTER_SERVICES6 (default fd6b:6e70:96::/112).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,6 +48,13 @@ API_PORT=6443
 PODS=${KNP_CLUSTER_PODS:-10.244}
 POD_CIDR=$PODS.0.0/16
 SVC_CIDR=${KNP_CLUSTER_SERVICES:-10.96.0.0/16}
+# --dual-stack: IPv6 next to IPv4 (IPv4 stays the primary family). Unique local ranges.
+FABRIC6=${KNP_CLUSTER_FABRIC6:-fd6b:6e70:fab}
+API_IP6=$FABRIC6::1
+PODS6=${KNP_CLUSTER_PODS6:-fd6b:6e70:1}
+POD_CIDR6=$PODS6::/48
+SVC_CIDR6=${KNP_CLUSTER_SERVICES6:-fd6b:6e70:96::/112}
+DUAL=0
 PAUSE_IMAGE=registry.k8s.io/pause:3.10.1   # the v1.34 kubelet's default and the e2e suite's
 AGNHOST_IMAGE=registry.k8s.io/e2e-test-images/agnhost:2.56
 AGENT_IMAGE=${KNP_AGENT_IMAGE:-}
@@ -51,12 +62,16 @@ CRD_DIR=${KNP_CLUSTER_CRDS:-$repo/../shared/crds}
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
 node_name() { echo "node-$1"; }
 node_ns() { echo "${PREFIX}node-$1"; }
 node_ip() { echo "$FABRIC.$((10 + $1))"; }
 node_pods() { echo "$PODS.$1.0/24"; }
+node_ip6() { echo "$FABRIC6::$((10 + $1))"; }
+node_pods6() { echo "$PODS6:$1::/64"; }
+# Both families when --dual-stack, comma-separated, IPv4 first.
+dual() { if [ "$DUAL" = 1 ]; then echo "$1,$2"; else echo "$1"; fi; }
 in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" -- "$@"; }
 
 # Clients run inside the fabric namespace, where the API server is.
@@ -151,7 +166,7 @@ teardown() {
   [ -z "$(our_mounts)" ] || die "mounts left under $D: $(our_mounts | tr '\n' ' ')"
   # Cgroups: depth first, only ours (/knpc-*), in every v1 hierarchy.
   for i in $(seq 1 20); do
-    find /sys/fs/cgroup/*/ -maxdepth 1 -name "${PREFIX}*" -type d 2>/dev/null | grep -q . || break
+    [ -n "$(find /sys/fs/cgroup/*/ -maxdepth 1 -name "${PREFIX}*" -type d 2>/dev/null)" ] || break
     find /sys/fs/cgroup/*/"${PREFIX}"* -depth -type d -exec rmdir {} + 2>/dev/null || true
     sleep 0.2
   done
@@ -176,11 +191,13 @@ teardown() {
 
 check_cidrs() {
   # None of our ranges may overlap an address or route of the root namespace.
-  python3 - "$FABRIC.0/24" "$POD_CIDR" "$SVC_CIDR" <<'EOF'
+  local ranges=("$FABRIC.0/24" "$POD_CIDR" "$SVC_CIDR")
+  [ "$DUAL" = 0 ] || ranges+=("$FABRIC6::/64" "$POD_CIDR6" "$SVC_CIDR6")
+  python3 - "${ranges[@]}" <<'EOF'
 import ipaddress, subprocess, sys
 ours = [ipaddress.ip_network(c) for c in sys.argv[1:]]
 seen = []
-for cmd in (["ip", "-4", "-o", "addr"], ["ip", "-4", "route", "show", "table", "all"]):
+for cmd in (["ip", "-o", "addr"], ["ip", "-4", "route", "show", "table", "all"], ["ip", "-6", "route", "show", "table", "all"]):
     for line in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines():
         for word in line.split():
             try:
@@ -278,6 +295,10 @@ make_network() {
   in_ns "$FABRIC_NS" ip addr add "$API_IP/24" dev "$BRIDGE"
   in_ns "$FABRIC_NS" ip link set "$BRIDGE" up
   in_ns "$FABRIC_NS" sysctl -qw net.ipv4.ip_forward=1
+  if [ "$DUAL" = 1 ]; then
+    in_ns "$FABRIC_NS" ip addr add "$API_IP6/64" dev "$BRIDGE" nodad
+    in_ns "$FABRIC_NS" sysctl -qw net.ipv6.conf.all.forwarding=1
+  fi
   local i j ns
   for i in $(seq 1 "$NODES"); do
     ns=$(node_ns "$i")
@@ -291,10 +312,18 @@ make_network() {
     in_ns "$ns" ip route add default via "$API_IP"
     in_ns "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
     in_ns "$FABRIC_NS" ip route add "$(node_pods "$i")" via "$(node_ip "$i")"
+    if [ "$DUAL" = 1 ]; then
+      in_ns "$ns" ip addr add "$(node_ip6 "$i")/64" dev eth0 nodad
+      in_ns "$ns" ip -6 route add default via "$API_IP6"
+      in_ns "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
+      in_ns "$FABRIC_NS" ip -6 route add "$(node_pods6 "$i")" via "$(node_ip6 "$i")"
+    fi
   done
   for i in $(seq 1 "$NODES"); do
     for j in $(seq 1 "$NODES"); do
-      [ "$i" = "$j" ] || in_ns "$(node_ns "$i")" ip route add "$(node_pods "$j")" via "$(node_ip "$j")"
+      [ "$i" != "$j" ] || continue
+      in_ns "$(node_ns "$i")" ip route add "$(node_pods "$j")" via "$(node_ip "$j")"
+      [ "$DUAL" = 0 ] || in_ns "$(node_ns "$i")" ip -6 route add "$(node_pods6 "$j")" via "$(node_ip6 "$j")"
     done
   done
 }
@@ -344,7 +373,7 @@ start_control_plane() {
     --kubelet-client-key="$D/pki/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types=InternalIP \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
-    --service-cluster-ip-range="$SVC_CIDR" \
+    --service-cluster-ip-range="$(dual "$SVC_CIDR" "$SVC_CIDR6")" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$D/pki/sa.pub" \
     --service-account-signing-key-file="$D/pki/sa.key" \
@@ -359,7 +388,8 @@ start_control_plane() {
     --service-account-private-key-file="$D/pki/sa.key" --root-ca-file="$D/pki/ca.crt" \
     --use-service-account-credentials=true \
     --cluster-signing-cert-file="$D/pki/ca.crt" --cluster-signing-key-file="$D/pki/ca.key" \
-    --service-cluster-ip-range="$SVC_CIDR" --cluster-cidr="$POD_CIDR" --allocate-node-cidrs=false
+    --service-cluster-ip-range="$(dual "$SVC_CIDR" "$SVC_CIDR6")" \
+    --cluster-cidr="$(dual "$POD_CIDR" "$POD_CIDR6")" --allocate-node-cidrs=false
   spawn kube-scheduler "$FABRIC_NS" "$K8S_BIN/kube-scheduler" \
     --kubeconfig="$D/cp/scheduler.kubeconfig" \
     --bind-address=127.0.0.1 --leader-elect=false
@@ -452,8 +482,8 @@ EOF
       "ipam": {
         "type": "host-local",
         "dataDir": "$dir/cni/ipam",
-        "ranges": [[{"subnet": "$(node_pods "$i")"}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
+        "ranges": [[{"subnet": "$(node_pods "$i")"}]$([ "$DUAL" = 0 ] || echo ", [{\"subnet\": \"$(node_pods6 "$i")\"}]")],
+        "routes": [{"dst": "0.0.0.0/0"}$([ "$DUAL" = 0 ] || echo ', {"dst": "::/0"}')]
       }
     }
   ]
@@ -489,7 +519,7 @@ maxPods: 250
 EOF
   spawn "kubelet-$name" "$ns" "$K8S_BIN/kubelet" --config="$dir/kubelet-config.yaml" \
     --kubeconfig="$dir/kubelet.kubeconfig" --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" \
-    --hostname-override="$name" --node-ip="$ip"
+    --hostname-override="$name" --node-ip="$(dual "$ip" "$(node_ip6 "$i")")"
 
   kubeconfig "$dir/kube-proxy.kubeconfig" "https://$API_IP:$API_PORT" kube-proxy
   cat >"$dir/kube-proxy-config.yaml" <<EOF
@@ -498,7 +528,7 @@ kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $dir/kube-proxy.kubeconfig}
 mode: iptables
 hostnameOverride: $name
-clusterCIDR: $POD_CIDR
+clusterCIDR: $(dual "$POD_CIDR" "$POD_CIDR6")
 bindAddress: $ip
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
@@ -519,8 +549,10 @@ wait_nodes() {
     name=$(node_name "$i")
     wait_for "node $name registered" 120 "kubelet-$name" kc get node "$name"
     # Static pod ranges (the CNI config above): the node object says the same.
+    local cidrs
+    cidrs=$(dual "$(node_pods "$i")" "$(node_pods6 "$i")")
     kc patch node "$name" --type merge \
-      -p "{\"spec\":{\"podCIDR\":\"$(node_pods "$i")\",\"podCIDRs\":[\"$(node_pods "$i")\"]}}" >/dev/null
+      -p "{\"spec\":{\"podCIDR\":\"$(node_pods "$i")\",\"podCIDRs\":[\"${cidrs//,/\",\"}\"]}}" >/dev/null
   done
   for i in $(seq 1 "$NODES"); do
     name=$(node_name "$i")
@@ -578,10 +610,11 @@ install_agent() {
   local image
   image=$(agent_image "$manifest")
   # No registry: the image must have been imported into every node.
-  local i
+  local i images
   for i in $(seq 1 "$NODES"); do
-    ctr -a "$D/$(node_name "$i")/containerd/containerd.sock" -n k8s.io images ls -q |
-      grep -qxF "${AGENT_IMAGE:-$image}" ||
+    # Listed first, then searched: grep -q would end the pipe early (SIGPIPE under pipefail).
+    images=$(ctr -a "$D/$(node_name "$i")/containerd/containerd.sock" -n k8s.io images ls -q)
+    grep -qxF "$image" <<<"$images" ||
       die "the agent image $image is not in $(node_name "$i")'s containerd: build it with hack/images/build.sh agent, or put its archive in --images"
   done
   render_manifest "$manifest" | kc apply -f - >/dev/null
@@ -661,6 +694,12 @@ EOF
   }
   probe srv-2 "$ip1:8080" "pod -> pod on $n1"
   probe srv-1 "$ip2:8080" "pod -> pod on $n2"
+  if [ "$(kc get node "$n1" -o jsonpath='{.spec.podCIDRs[1]}')" != "" ]; then
+    local ip6
+    ip6=$(kc -n "$ns" get pod srv-1 -o jsonpath='{.status.podIPs[1].ip}')
+    [ -n "$ip6" ] || die "check: dual-stack, but srv-1 has no IPv6 address"
+    probe srv-2 "[$ip6]:8080" "pod -> pod on $n1 over IPv6"
+  fi
   probe srv-2 "$svc:80" "pod -> ClusterIP Service"
   probe srv-2 "$api:443" "pod -> kubernetes Service"
   # The in-cluster client: service account token over the kubernetes Service ClusterIP.
@@ -726,6 +765,7 @@ case "$cmd" in
         --images) IMAGES_DIR=${2:-}; shift 2 ;;
         --images=*) IMAGES_DIR=${1#*=}; shift ;;
         --no-check) CHECK=0; shift ;;
+        --dual-stack) DUAL=1; shift ;;
         *) log "unknown option '$1'"; usage ;;
       esac
     done
