@@ -694,7 +694,7 @@ EOF
   }
   probe srv-2 "$ip1:8080" "pod -> pod on $n1"
   probe srv-1 "$ip2:8080" "pod -> pod on $n2"
-  if [ "$(kc get node "$n1" -o jsonpath='{.spec.podCIDRs[1]}')" != "" ]; then
+  if [[ "$(kc get node "$n1" -o jsonpath='{.spec.podCIDRs[*]}')" == *:* ]]; then
     local ip6
     ip6=$(kc -n "$ns" get pod srv-1 -o jsonpath='{.status.podIPs[1].ip}')
     [ -n "$ip6" ] || die "check: dual-stack, but srv-1 has no IPv6 address"
