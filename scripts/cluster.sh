@@ -9,8 +9,10 @@
 #   scripts/cluster.sh manifest np|anp|cnp   print the manifest --agent applies (image replaced)
 #   scripts/cluster.sh exec NODE CMD...      run CMD in NODE's network namespace (node-1, ...,
 #                                            or fabric: the control plane's); KUBECONFIG set
-#   scripts/cluster.sh check                 smoke test: pod -> pod across nodes, pod -> Service,
-#                                            in-cluster API client through the kubernetes Service
+#   scripts/cluster.sh check                 smoke test: pod -> pod across nodes (and over IPv6
+#                                            with --dual-stack), pod -> Service, in-cluster API
+#                                            client through the kubernetes Service; with the agent
+#                                            deployed, a deny-all NetworkPolicy is enforced
 #
 # Layout. The namespace knpc-fabric holds a bridge and the control plane (etcd, kube-apiserver
 # on the bridge's address, controller-manager, scheduler). Each node is a namespace knpc-node-I
@@ -21,12 +23,13 @@
 # root namespace keeps its interfaces, routes and rules: a loopback forwarder
 # (hack/cluster/apiforward.py) lets clients there reach the API server.
 #
+# One cluster per machine: namespace and cgroup names are fixed (knpc-*), whatever the state dir.
 # `up` first removes what a killed run left (processes, mounts, cgroups, namespaces), and waits
 # until every node is Ready and the smoke test passes. Images (pause, agnhost, the agent) are not
 # pulled: `up` imports the archives that `hack/images/build.sh all` prints, or those in --images.
 #
 # Environment: KNP_CLUSTER_DIR (state, default /run/knp-cluster), KNP_CACHE (build cache),
-# KNP_CLUSTER_FABRIC (default 10.250.0: the fabric's /24, .1 is the API server, node I is .1I),
+# KNP_CLUSTER_FABRIC (default 10.250.0: the fabric's /24, .1 is the API server, node I is .(10+I)),
 # KNP_CLUSTER_PODS (default 10.244: node I gets 10.244.I.0/24),
 # KNP_CLUSTER_SERVICES (default 10.96.0.0/16), KNP_CLUSTER_CRDS (CRD directory, default
 # ../shared/crds next to the repository), KNP_CLUSTER_ANP_CRDS / KNP_CLUSTER_CNP_CRDS (the CRD
@@ -39,6 +42,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 D=${KNP_CLUSTER_DIR:-/run/knp-cluster}
 D=${D%/}
+# Teardown deletes it: an absolute path below the root, never / itself.
+[[ "$D" =~ ^/[^/]+ ]] || { echo "cluster: error: KNP_CLUSTER_DIR must be an absolute path below /, not '${KNP_CLUSTER_DIR:-}'" >&2; exit 1; }
 PREFIX=knpc-
 FABRIC_NS=${PREFIX}fabric
 BRIDGE=knpc-br
@@ -62,7 +67,7 @@ CRD_DIR=${KNP_CLUSTER_CRDS:-$repo/../shared/crds}
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
 node_name() { echo "node-$1"; }
 node_ns() { echo "${PREFIX}node-$1"; }
