@@ -4,7 +4,7 @@
 #   scripts/cluster.sh up [--nodes N] [--agent none|np|anp|cnp] [--images DIR] [--dual-stack]
 #                         [--no-check]
 #   scripts/cluster.sh down                  stop everything, unmount, delete the namespaces
-#   scripts/cluster.sh status                what runs, the nodes and pods
+#   scripts/cluster.sh status                what runs, the nodes and pods (exit 0: all up)
 #   scripts/cluster.sh kubeconfig            print the admin kubeconfig path (root namespace)
 #   scripts/cluster.sh manifest np|anp|cnp   print the manifest --agent applies (image replaced)
 #   scripts/cluster.sh exec NODE CMD...      run CMD in NODE's network namespace (node-1, ...,
@@ -741,15 +741,20 @@ EOF
 
 # ---------------------------------------------------------------------------------------------
 
+# Exit status 0 only when every process runs and every node is Ready (scripts can reuse it).
 status() {
-  local f
-  if [ ! -d "$D/pid" ]; then echo "no cluster (state dir $D)"; return 0; fi
+  local f s ok=0 i
+  if [ ! -d "$D/pid" ]; then echo "no cluster (state dir $D)"; return 1; fi
   for f in "$D"/pid/*; do
-    if alive "$(basename "$f")"; then s=running; else s=DEAD; fi
+    if alive "$(basename "$f")"; then s=running; else s=DEAD ok=1; fi
     printf '%-32s %s pid %s\n' "$(basename "$f")" "$s" "$(cat "$f")"
   done
-  kc get nodes -o wide 2>&1 || true
-  kc get pods -A -o wide 2>&1 || true
+  kc get nodes -o wide 2>&1 || ok=1
+  kc get pods -A -o wide 2>&1 || ok=1
+  for i in $(seq 1 "$NODES"); do
+    node_ready "$(node_name "$i")" 2>/dev/null || { echo "$(node_name "$i") is not Ready"; ok=1; }
+  done
+  return $ok
 }
 
 cmd=${1:-}
