@@ -109,7 +109,14 @@ for suite in "${suites[@]}"; do
   if [ $reuse = 0 ]; then
     bash "$repo/scripts/cluster.sh" down >/dev/null 2>&1 || true
     log "$suite: bringing the cluster up ($nodes nodes, agent: $(agent_of "$suite")) ..."
-    if ! bash "$repo/scripts/cluster.sh" up --nodes "$nodes" --agent "$(agent_of "$suite")" 2>&1 | tee "$out/cluster-up.log"; then
+    # anp/cnp: the CRDs of the suite's own release (experimental channel: all features are run).
+    crds=
+    case "$suite" in
+      anp) crds=$(echo "$npapi_bin"/crds-v0.1.7/*.yaml) ;;
+      cnp) crds=$(echo "$npapi_bin"/crds-v0.2.0/*.yaml) ;;
+    esac
+    if ! KNP_CLUSTER_ANP_CRDS=$crds KNP_CLUSTER_CNP_CRDS=$crds \
+      bash "$repo/scripts/cluster.sh" up --nodes "$nodes" --agent "$(agent_of "$suite")" 2>&1 | tee "$out/cluster-up.log"; then
       log "$suite: the cluster did not come up (log: $out/cluster-up.log)"
       lines[$suite]="0 passed, 1 failed, 0 skipped (the cluster did not come up)"
       status=1

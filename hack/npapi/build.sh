@@ -14,6 +14,7 @@
 #                                      base manifests (drop-sctp.py), for kernels without SCTP
 #                                      sockets, where those containers crash and keep every pod of
 #                                      the suite from becoming ready; e2e.sh then skips the SCTP tests
+#   conformance-<version>.tests        the suite's test names;  crds-<version>/  its experimental CRDs
 # <hash> covers the generated go.mod files, drop-sctp.py and the Go version. Module and build
 # caches are the control plane's (controlplane/go-mod, go-build).
 set -euo pipefail
@@ -66,7 +67,7 @@ build() {  # build VERSION VARIANT(plain|nosctp)
   local v=$1 variant=$2 out src start dir
   out=$bindir/conformance-$v.test
   [ "$variant" = plain ] || out=$bindir/conformance-$v-$variant.test
-  if [ -x "$out" ] && [ -s "$bindir/conformance-$v.tests" ]; then
+  if [ -x "$out" ] && [ -s "$bindir/conformance-$v.tests" ] && [ -d "$bindir/crds-$v" ]; then
     log "reusing $out"
     return
   fi
@@ -77,6 +78,10 @@ build() {  # build VERSION VARIANT(plain|nosctp)
   dir=$(cd "$src" && go mod download -json "sigs.k8s.io/network-policy-api@$v" | sed -n -E 's/^[[:space:]]*"Dir": "(.*)",?$/\1/p')
   [ -d "$dir" ] || { log "could not download sigs.k8s.io/network-policy-api@$v"; exit 1; }
   # The suite's test names (each test's ShortName, its subtest name), for e2e.sh's counts.
+  # The suite's own CRDs (experimental channel: the suites run with all features), for e2e.sh.
+  mkdir -p "$bindir/crds-$v"
+  cp "$dir"/config/crd/experimental/policy.networking.k8s.io_*.yaml "$bindir/crds-$v/"
+  chmod u+w "$bindir/crds-$v"/*.yaml
   sed -n -E 's/^[[:space:]]*ShortName:[[:space:]]*"([^"]+)".*/\1/p' "$dir"/conformance/tests/*.go | sort -u >"$bindir/conformance-$v.tests"
   if [ "$variant" = nosctp ]; then
     # A private copy of the module with the edited manifests, which the suite embeds.
