@@ -90,7 +90,8 @@ run_npapi() {  # OUT KUBECONFIG VERSION PROFILES
     bin=$npapi_bin/conformance-$v-nosctp.test
     skip=(-test.skip 'TestConformanceProfiles/.*SCTP')
   fi
-  (cd "$out" && "$bin" -test.run "TestConformanceProfiles${focus:+/$focus}" "${skip[@]}" -test.v -test.count 1 \
+  # Two clients in the suite: controller-runtime's reads -kubeconfig, client-go's default rules KUBECONFIG.
+  (cd "$out" && KUBECONFIG=$kc "$bin" -test.run "TestConformanceProfiles${focus:+/$focus}" "${skip[@]}" -test.v -test.count 1 \
     -test.timeout 3h -kubeconfig "$kc" -conformance-profiles "$profiles" -all-features \
     -organization kubernetes-sigs -project kube-network-policies-python \
     -url https://github.com/kubernetes-sigs/kube-network-policies -version v0.1.0 \
