@@ -95,7 +95,7 @@ run_npapi() {  # OUT KUBECONFIG VERSION PROFILES
     -test.timeout 3h -kubeconfig "$kc" -conformance-profiles "$profiles" -all-features \
     -organization kubernetes-sigs -project kube-network-policies-python \
     -url https://github.com/kubernetes-sigs/kube-network-policies -version v0.1.0 \
-    -contact sig-network -report-output "$out/conformance-report.yaml") 2>&1 | tee "$out/suite.log" || true
+    -contact sig-network -additional-info 'scripts/e2e.sh (this repository)' -report-output "$out/conformance-report.yaml") 2>&1 | tee "$out/suite.log" || true
   python3 "$repo/hack/e2e/summary.py" gotest "$out/suite.log" --tests "$npapi_bin/conformance-$v.tests" \
     --skip SCTP --reason "$NO_SCTP_REASON" | tee "$out/summary.txt"
   return "${PIPESTATUS[0]}"
